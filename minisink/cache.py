@@ -1,0 +1,164 @@
+"""The StreamingLLM cache: S attention sinks plus a rolling window of W recent tokens.
+
+Every layer keeps preallocated K and V buffers of shape (B, kv_heads, S+W, head_dim). The first S
+tokens of the stream go to the sink slots and stay there forever; every later token goes to the
+window slots, which are used as a ring buffer: token t lands in slot S + (t - S) % W, overwriting
+the token that has just left the window.
+
+    stream:   t0  t1  t2  t3  t4  t5  t6  t7  t8  t9  t10 t11 t12 t13 ...
+    S=2, W=5, after t12 was written:
+
+    slot      0    1  |  2    3    4    5    6
+    token     t0   t1 |  t12  t8   t9   t10  t11      <- ring; next write (t13) goes to slot 3
+    position  0    1  |  6    2    3    4    5        <- positions *inside the cache*
+              sinks   |  window, positions by age: oldest S .. newest S+W-1
+
+Positions inside the cache, not in the text: sinks get 0..S-1, window tokens S, S+1, ... by age,
+and the current token the last position, S+W-1. Until the cache is full this is simply the token's
+index in the stream. Keys are stored un-rotated; the attention (minisink/attention.py) rotates them
+by these positions at every step (RoPE) or turns them into distances (ALiBi).
+
+A forward pass over T new tokens is a `Layout` (positions and mask, shared by all layers), then one
+`update` per layer. Two ways to write:
+
+- write first, then attend to the buffer: for one token (decode) or when nothing gets evicted.
+  The token that the write evicts is exactly the one that left the current token's window.
+- attend to buffer + chunk, then write: for a chunk of T > 1 tokens that overflows the cache
+  (chunked prefill, long-text evaluation). Writing first would evict keys that earlier tokens of the
+  same chunk still see. Each token t of the chunk sees the sinks and its own window, t-W+1 .. t,
+  exactly as if the chunk had been streamed one token at a time.
+
+For that exactness the chunk needs two frames of positions. The window part of a score depends only
+on t - j (both are in the window, positions by age); a sink's on the query's cache position,
+min(t, S+W-1). Keys get the positions that the chunk's last query sees; each query gets one position
+for window keys (`q_pos`) and one for sinks (`q_pos_sink`). For RoPE and ALiBi, only differences of
+positions reach the scores, so this is the same mathematics as token-by-token streaming.
+
+Mapping to the official code: mit-han-lab/streaming-llm's StartRecentKVCache(start_size=S,
+recent_size=R) evicts *after* the forward pass, so its query attends to S+R+1 keys. minisink writes
+the current token first, so a query attends to at most S+W keys including itself:
+official (S, R) == minisink (S, W=R+1).
+
+No torch.cat to evict, no reallocation and no host synchronisation in the decode path: the stream
+position `n` lives on the device. `length` is its host-side twin, which the host knows without asking
+the device because it counts the tokens it feeds; only the chunked path and DenseCache read it.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Layout:
+    """Where the keys of one forward pass sit, shared by every layer. L keys, T queries."""
+    k_pos: torch.Tensor        # (L,) int64  position of each key inside the cache
+    q_pos: torch.Tensor        # (T,) int64  position of each query, as seen by window keys
+    q_pos_sink: torch.Tensor | None  # (T,) position of each query as seen by sink keys; None: same
+    is_sink: torch.Tensor      # (L,) bool   key is one of the S sinks
+    mask: torch.Tensor         # (T, L) bool  query may attend to key
+    max_pos: torch.Tensor      # () int64    largest position in use (dynamic NTK RoPE needs it)
+
+
+class SinkCache(nn.Module):
+    """S sink slots + a ring buffer of W window slots per layer. `window` policy is S=0."""
+
+    def __init__(self, sink_size: int, window_size: int, device=None, dtype=torch.float32):
+        super().__init__()
+        if sink_size < 0 or window_size < 1:
+            raise ValueError(f"need sink_size >= 0 and window_size >= 1, got {sink_size}, {window_size}")
+        self.S, self.W = sink_size, window_size
+        self.capacity = sink_size + window_size
+        self.device, self.dtype = torch.device(device or "cpu"), dtype
+        self.k: list[torch.Tensor] = []  # per layer (B, kv_heads, S+W, hd), allocated at first write
+        self.v: list[torch.Tensor] = []
+        self.register_buffer("slot_token", torch.full((self.capacity,), -1, dtype=torch.long, device=device))
+        self.register_buffer("n", torch.zeros((), dtype=torch.long, device=device))  # tokens seen
+        self.length = 0  # host-side twin of n
+        self._write_first = True
+        self._new_slots = self._keep = None
+
+    def slots_of(self, tok: torch.Tensor) -> torch.Tensor:
+        """Slot that stream index `tok` is written to: its own index for a sink, the ring otherwise."""
+        return torch.where(tok < self.S, tok, self.S + (tok - self.S) % self.W)
+
+    def begin(self, T: int) -> Layout:
+        """Plan a forward pass over the next T tokens of the stream; call once before the layers."""
+        self.reserve(T)
+        tok = self.n + torch.arange(T, device=self.n.device)          # (T,) stream indices of the queries
+        self._write_first = T == 1 or self.length + T <= self.capacity
+        if self._write_first:
+            self._new_slots = self.slots_of(tok)
+            self.slot_token.index_copy_(0, self._new_slots, tok)
+            key_tok = self.slot_token                                   # (L=S+W,)
+        else:
+            key_tok = torch.cat([self.slot_token, tok])                 # (L=S+W+T,) buffer, then chunk
+            # Only the sinks and the last W tokens of the chunk survive it; writing only those keeps
+            # every slot index unique (index_copy_ with duplicates is undefined).
+            first_kept = self.length + T - self.W
+            keep = [i for i in range(T) if self.length + i < self.S or self.length + i >= first_kept]
+            self._keep = torch.tensor(keep, dtype=torch.long, device=self.n.device)
+            self._new_slots = self.slots_of(tok[self._keep])
+            self.slot_token.index_copy_(0, self._new_slots, tok[self._keep])
+        layout = self.layout(tok, key_tok, chunked=not self._write_first)
+        self.n += T
+        self.length += T
+        return layout
+
+    def layout(self, tok: torch.Tensor, key_tok: torch.Tensor, chunked: bool) -> Layout:
+        """Positions and mask for queries `tok` (T,) and keys holding stream indices `key_tok` (L,)."""
+        S, W, C = self.S, self.W, self.capacity
+        last = tok[-1]
+        base = torch.clamp(last - (C - 1), min=0)           # how far the last query's window has slid
+        is_sink = (key_tok >= 0) & (key_tok < S)
+        k_pos = torch.where(is_sink, key_tok, key_tok - base)
+        q_pos = tok - base
+        q_pos_sink = torch.clamp(tok, max=C - 1) if (chunked and S > 0) else None
+        t, j = tok[:, None], key_tok[None, :]
+        mask = (j >= 0) & (j <= t) & ((j < S) | (j > t - W))  # the sinks, and t's own window
+        return Layout(k_pos, q_pos, q_pos_sink, is_sink, mask, max_pos=q_pos[-1])
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new k, v (B, kv_heads, T, hd); return the keys and values to attend to."""
+        if layer == len(self.k):
+            B, H, _, D = k.shape
+            self.k.append(torch.zeros(B, H, self.capacity, D, device=self.device, dtype=self.dtype))
+            self.v.append(torch.zeros(B, H, self.capacity, D, device=self.device, dtype=self.dtype))
+        k_buf, v_buf = self.k[layer], self.v[layer]
+        if self._write_first:
+            k_buf.index_copy_(2, self._new_slots, k.to(self.dtype))
+            v_buf.index_copy_(2, self._new_slots, v.to(self.dtype))
+            return k_buf, v_buf
+        keys, values = torch.cat([k_buf, k.to(self.dtype)], 2), torch.cat([v_buf, v.to(self.dtype)], 2)
+        k_buf.index_copy_(2, self._new_slots, k[:, :, self._keep].to(self.dtype))
+        v_buf.index_copy_(2, self._new_slots, v[:, :, self._keep].to(self.dtype))
+        return keys, values
+
+    def reserve(self, T: int) -> None:
+        """Room for T more tokens. A sink cache never needs more: it evicts."""
+
+    def reset(self) -> None:
+        """Forget the stream but keep the buffers (a new stream of the same shape)."""
+        self.slot_token.fill_(-1)
+        self.n.zero_()
+        self.length = 0
+
+
+class DenseCache(SinkCache):
+    """The baseline: keep every token. Grows by doubling, so memory is unbounded by design.
+
+    It is a sink cache that never evicts: S=0 and a window as long as the stream, so positions are
+    the token indices in the text. Attention then runs past the trained context and degrades.
+    """
+
+    def __init__(self, capacity: int = 256, device=None, dtype=torch.float32):
+        super().__init__(0, capacity, device=device, dtype=dtype)
+
+    def reserve(self, T: int) -> None:
+        if self.length + T <= self.capacity:
+            return
+        capacity = max(2 * self.capacity, self.length + T)
+        grow = lambda buf: torch.cat([buf, buf.new_zeros(*buf.shape[:2], capacity - self.capacity, buf.shape[3])], 2)
+        self.k, self.v = [grow(b) for b in self.k], [grow(b) for b in self.v]
+        self.slot_token = torch.cat([self.slot_token, self.slot_token.new_full((capacity - self.capacity,), -1)])
+        self.W = self.capacity = capacity
