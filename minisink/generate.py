@@ -1,0 +1,153 @@
+"""The decode loop, by hand: prefill in chunks, then one token at a time, forever if asked.
+
+    stream = Stream(model, policy="sink", sink_size=4, window_size=1020)
+    for token in stream.generate(prompt_ids, max_new_tokens=None):   # None: endless
+        ...
+
+`decode_one_token` is the whole per-token step: one forward of one token through the cache, and a
+sample. It has no host synchronisation and static shapes, so `torch.compile(..., fullgraph=True,
+mode="reduce-overhead")` can turn it into one CUDA graph. Prefill is chunked (each chunk at most the
+window) and stays eager: its shapes vary.
+
+Policies, all through this loop so they can be compared:
+  dense      keep everything (DenseCache): memory grows, quality collapses past the trained context
+  window     S=0: the first token to be evicted takes the attention sink with it
+  sink       S>0: StreamingLLM
+  recompute  no KV cache across steps: re-encode the last S+W tokens from scratch for every new
+             token, positions 0..S+W-1. The quality reference; quadratic cost.
+"""
+from collections.abc import Iterator
+
+import torch
+
+from .cache import DenseCache, SinkCache
+
+POLICIES = ("dense", "window", "sink", "recompute")
+
+
+def make_cache(policy: str, sink_size: int, window_size: int, device, dtype) -> SinkCache:
+    """The cache a policy streams through. For `window` the S+W slots all become window."""
+    if policy == "sink":
+        return SinkCache(sink_size, window_size, device=device, dtype=dtype)
+    if policy == "window":
+        return SinkCache(0, sink_size + window_size, device=device, dtype=dtype)
+    if policy in ("dense", "recompute"):
+        return DenseCache(sink_size + window_size, device=device, dtype=dtype)
+    raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, vocab) -> next tokens (B,), on the device, without a host sync."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]   # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # keep the smallest set of most likely tokens whose probability reaches top_p
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p        # mass before this token already enough
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def prefill(model, cache: SinkCache, ids: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Feed ids (B, T) through the cache in chunks; return the last token's logits (B, vocab).
+
+    Every chunk attends to the sinks plus each token's own window (see SinkCache), so a prompt far
+    longer than the cache is prefilled exactly as if it had been streamed token by token.
+    """
+    for start in range(0, ids.shape[1], chunk_size):
+        logits = model(ids[:, start:start + chunk_size], cache)
+    return logits[:, -1]
+
+
+def decode_one_token(model, cache: SinkCache, token: torch.Tensor) -> torch.Tensor:
+    """token (B,) -> logits (B, vocab) of the next one. The whole per-token step."""
+    return model(token[:, None], cache)[:, -1]
+
+
+class Stream:
+    """One model streaming through one cache. Feed it text (ids) and let it talk, turn after turn."""
+
+    def __init__(self, model, policy: str = "sink", sink_size: int = 4, window_size: int = 1020,
+                 batch_size: int = 1, prefill_chunk: int | None = None, compile: bool = False):
+        weight = next(model.parameters())
+        self.model, self.policy, self.batch_size = model, policy, batch_size
+        self.device, self.dtype = weight.device, weight.dtype
+        self.capacity = sink_size + window_size
+        self.cache = make_cache(policy, sink_size, window_size, self.device, self.dtype)
+        self.prefill_chunk = prefill_chunk or min(window_size, 512)
+        self.history = torch.empty(batch_size, 0, dtype=torch.long, device=self.device)  # recompute only
+        self.step = decode_one_token
+        if compile:
+            self.step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+        self.logits = None   # (B, vocab) prediction for the next token
+        self.pending = None  # (B,) last generated token, not fed yet: it goes in with the next feed
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.history.shape[1] if self.policy == "recompute" else self.cache.length
+
+    @property
+    def slots_used(self) -> int:
+        return min(self.tokens_seen, self.capacity) if self.policy != "dense" else self.tokens_seen
+
+    @torch.inference_mode()
+    def feed(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Append ids (B, T) to the stream; returns the logits (B, vocab) for the next token.
+
+        The last generated token, if not fed yet, goes first: the stream is one sequence of tokens.
+        """
+        ids = torch.empty(self.batch_size, 0, dtype=torch.long) if ids is None else ids
+        ids = ids.to(self.device)
+        if self.pending is not None:
+            ids, self.pending = torch.cat([self.pending[:, None], ids], dim=1), None
+        if ids.shape[1] == 0:
+            return self.logits
+        if self.policy == "recompute":
+            for t in range(ids.shape[1]):
+                self.logits = self._recompute(ids[:, t])
+        elif ids.shape[1] == 1:
+            self.logits = self.step(self.model, self.cache, ids[:, 0])
+        else:
+            self.logits = prefill(self.model, self.cache, ids, self.prefill_chunk)
+        return self.logits
+
+    def _recompute(self, token: torch.Tensor) -> torch.Tensor:
+        self.history = torch.cat([self.history, token[:, None]], dim=1)[:, -self.capacity:]
+        return self.model(self.history)[:, -1]  # fresh forward, positions 0..len-1
+
+    @torch.inference_mode()
+    def generate(self, ids: torch.Tensor | None = None, max_new_tokens: int | None = None,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, stop_ids: set[int] = frozenset()) -> Iterator[torch.Tensor]:
+        """Feed `ids` (B, T), then yield next tokens (B,) as they are produced.
+
+        Endless when max_new_tokens is None. Stops early once every row has produced a stop id; that
+        check reads the token on the host, as printing it would anyway.
+        """
+        if ids is not None and ids.numel():
+            self.feed(ids)
+        if self.logits is None:
+            raise ValueError("nothing to continue from: feed at least one token (e.g. BOS) first")
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        done = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
+        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
+        produced = 0
+        while max_new_tokens is None or produced < max_new_tokens:
+            self.feed()  # the token generated last
+            token = sample(self.logits, temperature, top_k, top_p, generator)   # (B,)
+            self.pending = token
+            produced += 1
+            yield token
+            if len(stop_ids):
+                done |= torch.isin(token, stop)
+                if bool(done.all()):
+                    return
