@@ -21,6 +21,8 @@ ARCHITECTURES = {
     "falcon": ("minisink.models.falcon", "FalconForCausalLM", "FalconConfig"),
     "mpt": ("minisink.models.mpt", "MptForCausalLM", "MptConfig"),
 }
+# falcon-7b/40b were first published with custom code under these model_types
+ARCHITECTURES["RefinedWebModel"] = ARCHITECTURES["RefinedWeb"] = ARCHITECTURES["falcon"]
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 

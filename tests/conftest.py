@@ -2,6 +2,10 @@
 from pathlib import Path
 
 import pytest
+import torch
+
+# The models in tests are tiny: one thread is faster than two that spin on a busy 2-core machine.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"
