@@ -40,8 +40,8 @@ the current token first, so a query attends to at most S+W keys including itself
 official (S, R) == minisink (S, W=R+1).
 
 No torch.cat to evict, no reallocation and no host synchronisation in the decode path: the stream
-position `n` lives on the device. `length` is its host-side twin, which the host knows without asking
-the device because it counts the tokens it feeds; only the chunked path and DenseCache read it.
+position `n` lives on the device, and a one-token step never reads it on the host. Only the chunked
+path (prefill, evaluation) asks for it, once per chunk, to choose which tokens of the chunk survive.
 """
 from dataclasses import dataclass
 
@@ -74,9 +74,13 @@ class SinkCache(nn.Module):
         self.v: list[torch.Tensor] = []
         self.register_buffer("slot_token", torch.full((self.capacity,), -1, dtype=torch.long, device=device))
         self.register_buffer("n", torch.zeros((), dtype=torch.long, device=device))  # tokens seen
-        self.length = 0  # host-side twin of n
         self._write_first = True
         self._new_slots = self._keep = None
+
+    @property
+    def length(self) -> int:
+        """Tokens seen so far. Reads the device: call it between steps, not inside one."""
+        return int(self.n)
 
     def slots_of(self, tok: torch.Tensor) -> torch.Tensor:
         """Slot that stream index `tok` is written to: its own index for a sink, the ring otherwise."""
@@ -84,8 +88,8 @@ class SinkCache(nn.Module):
 
     def begin(self, T: int) -> Layout:
         """Plan a forward pass over the next T tokens of the stream; call once before the layers."""
-        self.reserve(T)
         tok = self.n + torch.arange(T, device=self.n.device)          # (T,) stream indices of the queries
+        # T == 1 is decided without looking at n: the decode step must not sync with the device
         self._write_first = T == 1 or self.length + T <= self.capacity
         if self._write_first:
             self._new_slots = self.slots_of(tok)
@@ -95,14 +99,13 @@ class SinkCache(nn.Module):
             key_tok = torch.cat([self.slot_token, tok])                 # (L=S+W+T,) buffer, then chunk
             # Only the sinks and the last W tokens of the chunk survive it; writing only those keeps
             # every slot index unique (index_copy_ with duplicates is undefined).
-            first_kept = self.length + T - self.W
-            keep = [i for i in range(T) if self.length + i < self.S or self.length + i >= first_kept]
+            n = self.length
+            keep = [i for i in range(T) if n + i < self.S or i >= T - self.W]
             self._keep = torch.tensor(keep, dtype=torch.long, device=self.n.device)
             self._new_slots = self.slots_of(tok[self._keep])
             self.slot_token.index_copy_(0, self._new_slots, tok[self._keep])
         layout = self.layout(tok, key_tok, chunked=not self._write_first)
         self.n += T
-        self.length += T
         return layout
 
     def layout(self, tok: torch.Tensor, key_tok: torch.Tensor, chunked: bool) -> Layout:
@@ -134,14 +137,10 @@ class SinkCache(nn.Module):
         v_buf.index_copy_(2, self._new_slots, v[:, :, self._keep].to(self.dtype))
         return keys, values
 
-    def reserve(self, T: int) -> None:
-        """Room for T more tokens. A sink cache never needs more: it evicts."""
-
     def reset(self) -> None:
         """Forget the stream but keep the buffers (a new stream of the same shape)."""
         self.slot_token.fill_(-1)
         self.n.zero_()
-        self.length = 0
 
 
 class DenseCache(SinkCache):
@@ -153,11 +152,24 @@ class DenseCache(SinkCache):
 
     def __init__(self, capacity: int = 256, device=None, dtype=torch.float32):
         super().__init__(0, capacity, device=device, dtype=dtype)
+        self.seen = 0  # a host-side count of n, so that growing needs no sync (dense is never compiled)
 
-    def reserve(self, T: int) -> None:
-        if self.length + T <= self.capacity:
-            return
-        capacity = max(2 * self.capacity, self.length + T)
+    @property
+    def length(self) -> int:
+        return self.seen
+
+    def begin(self, T: int) -> Layout:
+        if self.seen + T > self.capacity:
+            self.grow(max(2 * self.capacity, self.seen + T))
+        layout = super().begin(T)
+        self.seen += T
+        return layout
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen = 0
+
+    def grow(self, capacity: int) -> None:
         grow = lambda buf: torch.cat([buf, buf.new_zeros(*buf.shape[:2], capacity - self.capacity, buf.shape[3])], 2)
         self.k, self.v = [grow(b) for b in self.k], [grow(b) for b in self.v]
         self.slot_token = torch.cat([self.slot_token, self.slot_token.new_full((capacity - self.capacity,), -1)])
