@@ -1,0 +1,403 @@
+"""Streaming perplexity on long text: the NLL of every token under each cache policy.
+
+    python -m minisink.eval --model FOLDER --text FILE|- --tokens 8000 \\
+        --policy dense,window,sink,recompute --sink-size 4 --window-size 1020 --out DIR
+
+The definition is token-by-token streaming: feed the stream one token at a time through a cache,
+`logits = model(ids[:, i:i+1], cache)`, and score token i+1 with those logits. The evaluator here
+feeds chunks of `--chunk-size` tokens instead, `model(ids[:, i:i+T], cache)`, and gets the same
+logits for every token (up to float rounding) at a fraction of the cost: one matrix multiply per
+weight per chunk instead of per token. Why that is exact, given how minisink/cache.py works:
+
+1. Keys and values do not depend on later eviction. Token j's k and v at layer l are functions of
+   its hidden state at layer l, which depends only on what j itself attended to below layer l (the
+   sinks and j's own window). Whatever is evicted after j was written cannot change them. So the
+   keys a later token reads are the same whether j arrived alone or inside a chunk.
+2. Each query sees the keys it would see streaming. A chunk that overflows the cache attends to
+   "buffer + chunk" before writing, with a mask that gives query t the S sinks and exactly its own
+   window t-W+1 .. t; keys that t's window has already lost are masked, keys that a later query of
+   the chunk will overwrite are still there.
+3. Only position differences reach the scores. Streaming, query t sits at cache position
+   p = min(t, S+W-1), window key j at p - (t - j), sink s at s. RoPE rotates q and k by their
+   positions and <R(a) q, R(b) k> = <q, R(b - a) k>; ALiBi adds -slope * (q_pos - k_pos). A chunk
+   uses one frame for all its keys (the positions its last query sees) and gives each query two
+   positions: `q_pos` in that frame, so t - j is right for every window key, and `q_pos_sink`
+   = min(t, S+W-1), so the distance to each sink is right too (sinks never move). Same differences,
+   same scores, same softmax, same outputs.
+
+(Caveat: dynamic-NTK RoPE also reads the largest position in use, which for a chunk is its last
+query's; it only matters when the cache itself is larger than the trained context.)
+
+Policies (the cache size C = S+W is the same for all but dense):
+  dense      DenseCache: every token kept, positions are text indices; past the trained context the
+             model sees positions it was never trained on and degrades.
+  window     SinkCache(0, C): a rolling window of C tokens, no sink.
+  sink       SinkCache(S, W): StreamingLLM.
+  recompute  no cache across tokens: the prediction of token t+1 is the last logit of a fresh forward
+             over the window of the last C tokens ending at t, ids[t-C+1 .. t], at positions
+             0 .. C-1 (while t < C the window is the whole prefix ids[0 .. t]). The quality
+             reference of the paper's "sliding window with re-computation"; O(N * C) tokens of work.
+             Computed as one causal forward over the prefix ids[0 .. C-1] (which holds the windows
+             of every t < C), then batches of full windows, each taken at its last position.
+
+Tokens: the stream is BOS (when the tokenizer has one) followed by the text's tokens, N in all. The
+first token of the stream has no prediction, so its NLL is not counted (NaN in the CSV); perplexity
+is exp(mean NLL) over tokens 1 .. N-1. "After the cache fills" counts tokens t >= C only: those
+predicted from a full cache (before that, every policy is a plain causal forward over the prefix).
+"""
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .cache import SinkCache
+from .generate import POLICIES, make_cache
+
+RECOMPUTE_BUDGET = 2 ** 26  # elements of the largest tensor (logits or scores) in one recompute batch
+
+
+class UserError(Exception):
+    """Something on the command line or in the input the user can fix; printed as one line."""
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits (T, vocab), targets (T,) -> -log p(target) (T,) in fp32."""
+    return -F.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None])[:, 0]
+
+
+@torch.inference_mode()
+def streaming_nll(model, ids: torch.Tensor, cache: SinkCache, chunk_size: int = 512, progress=None) -> torch.Tensor:
+    """NLL of every token of the stream ids (N,) fed through `cache` in chunks -> (N,), nll[0] = NaN.
+
+    nll[t] = -log p(ids[t] | the cache after tokens 0 .. t-1). chunk_size=1 is token-by-token
+    streaming, the definition; any chunk size gives the same numbers (see the module docstring).
+    The last token is only a target, so tokens 0 .. N-2 are fed.
+    """
+    N = ids.shape[0]
+    nll = torch.full((N,), float("nan"), device=ids.device)
+    for start in range(0, N - 1, chunk_size):
+        end = min(start + chunk_size, N - 1)
+        logits = model(ids[None, start:end], cache)[0]                     # (T, vocab)
+        nll[start + 1:end + 1] = token_nll(logits, ids[start + 1:end + 1])
+        if progress is not None:
+            progress.update(end - start)
+    return nll
+
+
+@torch.inference_mode()
+def recompute_nll(model, ids: torch.Tensor, cache_size: int, batch_size: int | None = None,
+                  progress=None) -> torch.Tensor:
+    """NLL of every token when each is predicted from a fresh forward over its last C tokens -> (N,).
+
+    Token t+1 is predicted by the last logit of model(ids[t-C+1 .. t]) at positions 0 .. C-1, or of
+    model(ids[0 .. t]) while t < C-1 (C = cache_size). Windows are stacked into a batch; the prefix
+    ids[0 .. C-1] is one causal forward, since its position t is exactly the window ending at t.
+    """
+    N, C = ids.shape[0], cache_size
+    nll = torch.full((N,), float("nan"), device=ids.device)
+    prefix = min(C, N - 1)
+    nll[1:prefix + 1] = token_nll(model(ids[None, :prefix])[0], ids[1:prefix + 1])
+    if progress is not None:
+        progress.update(prefix)
+    if N - 1 <= C:
+        return nll
+    windows = ids.unfold(0, C, 1)             # (N-C+1, C): windows[a] = ids[a .. a+C-1], ending at t = a+C-1
+    if batch_size is None:
+        batch_size = max(1, RECOMPUTE_BUDGET // (C * max(_vocab_size(model), _n_heads(model) * C)))
+    for a in range(1, N - C, batch_size):     # windows ending at t = C .. N-2, predicting t+1
+        b = min(a + batch_size, N - C)
+        logits = model(windows[a:b])[:, -1]   # (b-a, vocab): each window seen from its last token
+        nll[a + C:b + C] = token_nll(logits, ids[a + C:b + C])
+        if progress is not None:
+            progress.update(b - a)
+    return nll
+
+
+def policy_nll(model, ids: torch.Tensor, policy: str, sink_size: int, window_size: int,
+               chunk_size: int = 512, progress=None) -> torch.Tensor:
+    """NLL (N,) of the stream `ids` under one policy with a cache of sink_size + window_size."""
+    if policy == "recompute":
+        return recompute_nll(model, ids, sink_size + window_size, progress=progress)
+    p = next(model.parameters())
+    cache = make_cache(policy, sink_size, window_size, device=p.device, dtype=p.dtype)
+    return streaming_nll(model, ids, cache, chunk_size, progress)
+
+
+def perplexity(nll: torch.Tensor, first: int = 1) -> float:
+    """exp(mean NLL) over tokens first .. N-1 (NaN when there are none)."""
+    scored = nll[first:]
+    return math.exp(scored.double().mean().item()) if scored.numel() else float("nan")
+
+
+def _config_value(model, *names, default=None):
+    for name in names:
+        value = getattr(getattr(model, "config", None), name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _vocab_size(model) -> int:
+    return _config_value(model, "vocab_size", default=32000)
+
+
+def _n_heads(model) -> int:
+    return _config_value(model, "num_attention_heads", "n_heads", "n_head", default=32)
+
+
+def trained_context(model) -> int | None:
+    """The context length the model was trained with, when its config says."""
+    return _config_value(model, "max_position_embeddings", "max_seq_len", "n_positions")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+
+class Progress:
+    """tqdm if it is installed, else one line on stderr rewritten in place."""
+
+    def __init__(self, total: int, desc: str):
+        try:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, mininterval=0.5)
+        except ImportError:
+            self.bar = None
+        self.total, self.desc, self.done = total, desc, 0
+
+    def update(self, n: int):
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        self.done += n
+        print(f"\r{self.desc}: {self.done}/{self.total} tokens", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            print(file=sys.stderr)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        print(f"minisink.eval: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def parse_args(argv):
+    p = Parser(prog="python -m minisink.eval", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True,
+                   help="Hugging Face model folder (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--text", required=True, help="plain-text file, or - for stdin")
+    p.add_argument("--tokens", type=int, default=4000, help="length N of the stream, BOS included (default 4000)")
+    p.add_argument("--policy", default="dense,window,sink,recompute", help="comma-separated: " + ", ".join(POLICIES))
+    p.add_argument("--sink-size", type=int, default=4, help="S, attention sinks (default 4)")
+    p.add_argument("--window-size", type=int, default=1020, help="W, rolling window (default 1020)")
+    p.add_argument("--chunk-size", type=int, default=512, help="tokens per forward pass (default 512)")
+    p.add_argument("--out", default=".", help="folder for the CSVs and the PNG (default: current folder)")
+    p.add_argument("--sweep-sinks", type=int_list, default=None, metavar="0,1,2,4,8",
+                   help="also print PPL for these sink counts at the same cache size S+W (paper's Table 2)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
+    args = p.parse_args(argv)
+    args.policy = [x.strip() for x in args.policy.split(",") if x.strip()]
+    bad = [x for x in args.policy if x not in POLICIES]
+    if bad or not args.policy:
+        raise UserError(f"unknown policy {bad[0] if bad else '(none)'!r}; choose from {', '.join(POLICIES)}")
+    if args.sink_size < 0 or args.window_size < 1 or args.chunk_size < 1:
+        raise UserError("need --sink-size >= 0, --window-size >= 1 and --chunk-size >= 1")
+    if args.tokens < 2:
+        raise UserError(f"--tokens must be at least 2 (the first token is not scored), got {args.tokens}")
+    cache_size = args.sink_size + args.window_size
+    for s in args.sweep_sinks or []:
+        if not 0 <= s < cache_size:
+            raise UserError(f"--sweep-sinks: {s} sinks leave no window in a cache of {cache_size}")
+    return args
+
+
+def read_stream(args) -> list[int]:
+    """BOS (if the tokenizer has one) + the text's tokens, at most args.tokens in all."""
+    from .load import read_config
+    try:
+        from .tokenizer import load_tokenizer
+    except ImportError as e:
+        raise UserError(f"minisink.tokenizer is not available ({e})") from None
+    if args.text == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(args.text)
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        text = path.read_text(encoding="utf-8", errors="replace")
+    read_config(args.model)  # a wrong folder is best reported as such, before its tokenizer
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except ValueError as e:  # a tokenizer file that minisink cannot read (UnsupportedTokenizerError, ...)
+        raise UserError(str(e)) from None
+    bos = getattr(tokenizer, "bos_id", None)
+    ids = ([bos] if bos is not None and bos >= 0 else []) + tokenizer.encode(text, bos=False)
+    if len(ids) < 2:
+        raise UserError(f"{args.text}: the text has too few tokens to score ({len(ids)})")
+    if len(ids) < args.tokens:
+        print(f"note: the text has only {len(ids)} tokens; using them all", file=sys.stderr)
+    return ids[:args.tokens]
+
+
+def summary_rows(results: dict, cache_size: int) -> list[dict]:
+    rows = []
+    for label, (S, W, nll) in results.items():
+        rows.append({"policy": label, "sink_size": S, "window_size": W,
+                     "tokens_scored": nll.shape[0] - 1, "ppl": perplexity(nll),
+                     "tokens_after_fill": max(0, nll.shape[0] - cache_size),
+                     "ppl_after_fill": perplexity(nll, first=cache_size)})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]):
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+STYLES = {"dense": dict(color="tab:blue"), "window": dict(color="tab:orange", lw=2.0),
+          "sink": dict(color="tab:green"), "recompute": dict(color="black", ls="--", lw=0.9)}
+
+
+def plot(path: Path, results: dict, cache_size: int, context: int | None, title: str) -> bool:
+    """Running log-PPL vs tokens (the paper's Figure 3), and a 256-token moving average zoomed on
+    the bounded-cache policies (dense, once it degrades, would flatten them into one line)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed; skipping the PNG", file=sys.stderr)
+        return False
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    k = min(256, next(iter(results.values()))[2].shape[0] - 1)
+    zoom = []
+    for label, (_, _, nll) in results.items():
+        style = STYLES.get(label, dict(lw=1.0))
+        x = torch.arange(1, nll.shape[0])
+        running = nll[1:].double().cumsum(0) / x
+        top.plot(x, running, label=label, **{"lw": 1.2, **style})
+        moving = F.avg_pool1d(nll[None, None, 1:].double(), k, stride=1)[0, 0]   # mean of the last k
+        bottom.plot(x[k - 1:], moving, label=label, **{"lw": 1.0, **style})
+        if label != "dense":
+            zoom.append(moving)
+    if zoom and "dense" in results:
+        lo, hi = min(m.min().item() for m in zoom), max(m.max().item() for m in zoom)
+        bottom.set_ylim(lo - 0.1 * (hi - lo), hi + 0.3 * (hi - lo))
+        bottom.text(0.01, 0.97, "zoomed on the bounded caches; dense may leave the frame",
+                    transform=bottom.transAxes, va="top", fontsize=8, color="grey")
+    for ax in (top, bottom):
+        ax.axvline(cache_size, color="grey", ls="--", lw=0.8)
+        if context:
+            ax.axvline(context, color="grey", ls=":", lw=0.8)
+        ax.grid(alpha=0.3)
+    top.set_ylabel("running log-PPL (mean NLL, tokens 1..t)")
+    bottom.set_ylabel(f"log-PPL of the last {k} tokens")
+    marks = f"dashed: cache size {cache_size}" + (f"; dotted: trained context {context}" if context else "")
+    bottom.set_xlabel(f"tokens ({marks})")
+    top.legend()
+    top.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def print_summary(rows: list[dict], cache_size: int):
+    print(f"{'policy':<16}{'cache':>10}{'PPL':>10}{f'PPL t>={cache_size}':>14}")
+    for r in rows:
+        cache = {"dense": "all", "recompute": f"last {cache_size}"}.get(
+            r["policy"], f"{r['sink_size']}+{r['window_size']}")
+        print(f"{r['policy']:<16}{cache:>10}{r['ppl']:>10.3f}{r['ppl_after_fill']:>14.3f}")
+
+
+def print_sweep(rows: list[dict]):
+    """The shape of the paper's Table 2: one column per sinks+window split of the same cache."""
+    names = [f"{r['sink_size']}+{r['window_size']}" for r in rows]
+    print(f"{'cache (S+W)':<16}" + "".join(f"{n:>10}" for n in names))
+    print(f"{'PPL':<16}" + "".join(f"{r['ppl']:>10.3f}" for r in rows))
+    print(f"{'PPL after fill':<16}" + "".join(f"{r['ppl_after_fill']:>10.3f}" for r in rows))
+
+
+def run(args) -> int:
+    from .load import DTYPES, load_model
+    if args.dtype not in DTYPES:
+        raise UserError(f"--dtype {args.dtype!r}: choose one of {', '.join(DTYPES)}")
+    S, W = args.sink_size, args.window_size
+    C = S + W
+    ids_list = read_stream(args)
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    ids = torch.tensor(ids_list, dtype=torch.long, device=args.device)
+    N = ids.shape[0]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{N} tokens, cache {S}+{W}, chunks of {args.chunk_size}", file=sys.stderr)
+
+    memo: dict[tuple, torch.Tensor] = {}   # (kind, S, W) -> nll: window is sink with S=0, so share runs
+
+    def nll_for(policy, s, w, desc):
+        key = {"dense": ("dense", 0, 0), "window": ("sink", 0, s + w), "sink": ("sink", s, w),
+               "recompute": ("recompute", 0, s + w)}[policy]
+        if key not in memo:
+            bar = Progress(N - 1, desc)
+            memo[key] = policy_nll(model, ids, policy, s, w, args.chunk_size, bar).cpu()
+            bar.close()
+        return memo[key]
+
+    results = {}
+    for policy in args.policy:
+        s, w = {"window": (0, C), "recompute": (0, C), "dense": (0, N)}.get(policy, (S, W))
+        results[policy] = (s, w, nll_for(policy, S, W, policy))
+    sweep = {}
+    for s in args.sweep_sinks or []:
+        sweep[f"sink {s}+{C - s}"] = (s, C - s, nll_for("sink", s, C - s, f"sink {s}+{C - s}"))
+
+    rows = summary_rows(results, C)
+    write_csv(out / "streaming_ppl_summary.csv", rows)
+    columns = {f"nll_{p}": nll.tolist() for p, (_, _, nll) in results.items()}
+    token_rows = [{"token": t, "id": ids_list[t],
+                   **{c: ("" if t == 0 else f"{v[t]:.6f}") for c, v in columns.items()}} for t in range(N)]
+    write_csv(out / "streaming_ppl_tokens.csv", token_rows)
+    title = f"{Path(args.model).name}: {N} tokens, cache {S}+{W}"
+    written = ["streaming_ppl_summary.csv", "streaming_ppl_tokens.csv"]
+    if plot(out / "streaming_ppl.png", results, C, trained_context(model), title):
+        written.append("streaming_ppl.png")
+    print_summary(rows, C)
+    if sweep:
+        sweep_rows = summary_rows(sweep, C)
+        write_csv(out / "streaming_ppl_sweep.csv", sweep_rows)
+        written.append("streaming_ppl_sweep.csv")
+        print()
+        print_sweep(sweep_rows)
+    print(f"wrote {', '.join(written)} in {out}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    from .load import LoadError
+    try:
+        return run(parse_args(argv))
+    except (UserError, LoadError, OSError, UnicodeDecodeError) as e:
+        print(f"minisink.eval: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
