@@ -1,0 +1,439 @@
+"""run.py end to end: the real script in a subprocess, on local folders; its errors, one line each.
+
+Nothing here downloads. The hub's failures are produced by huggingface_hub itself: offline mode
+for real (HF_HUB_OFFLINE=1, empty cache), and gated / missing / unreachable repos by a fake
+download function whose exceptions come from huggingface_hub's own response handling.
+"""
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import ASSETS, REPO, STORIES, need_assets
+
+sys.path.insert(0, str(REPO))
+import run  # noqa: E402  (the script, imported as a module)
+from minisink.generate import Stream  # noqa: E402
+from minisink.load import build_config, load_model  # noqa: E402
+from minisink.tokenizer import load_tokenizer  # noqa: E402
+
+TOKENIZERS = ASSETS / "tokenizers"
+
+
+def run_py(*args, env=None, timeout=120):
+    """`python run.py args...` -> CompletedProcess (text). One torch thread: the machine is shared."""
+    env = {**{k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE")},
+           "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8", **(env or {})}
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, encoding="utf-8", timeout=timeout)
+
+
+def main_in_process(argv, download=None):
+    """run.main(argv) in this process -> (exit code, what it printed on stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run.main(argv, download=download)
+    return code, err.getvalue()
+
+
+def assert_one_line_error(stderr: str, *phrases):
+    """The error contract: exactly one line on stderr, the phrases in it, no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip("\n").split("\n")
+    assert len(lines) == 1 and lines[0].startswith("run.py: error: "), stderr
+    for phrase in phrases:
+        assert phrase in lines[0], (phrase, lines[0])
+
+
+def summary_of(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip("\n").split("\n")
+    assert len(lines) == 1 and lines[0].startswith("run.py: "), stderr  # status is off: not a TTY
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------- real model, golden
+
+def test_stream_greedy_reproduces_llama2c_golden_text():
+    need_assets(STORIES)
+    result = run_py("--model", STORIES, "--stream", "--max-new-tokens", 200, "--temperature", 0)
+    assert result.returncode == 0, result.stderr
+    expected = (STORIES / "expected_greedy_200.txt").read_text()
+    assert result.stdout == expected + "\n"  # the text, then run.py ends the line
+    summary = summary_of(result.stderr)
+    assert "200 tokens generated; time to first token" in summary and "(1 prompt token)" in summary
+    assert "tok/s" in summary and "ms/token" in summary
+    assert "GB/s of weights read" in summary and "cache 200/512 slots (sink, S=4 W=508)" in summary
+
+
+# ------------------------------------------------------------- tiny random checkpoints, other archs
+
+TINY = {  # config.json of each; the context (S+W) is 32 so that 40 new tokens evict
+    "gpt_neox": (dict(model_type="gpt_neox", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=32, bos_token_id=0, eos_token_id=0),
+                 "gpt-neox-20b"),
+    "falcon": (dict(model_type="falcon", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    multi_query=True, parallel_attn=True, bias=False, alibi=False, max_position_embeddings=32,
+                    bos_token_id=11, eos_token_id=11), "falcon"),
+    "mpt": (dict(model_type="mpt", d_model=32, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=32,
+                 no_bias=True, attn_config={"alibi": True}), "gpt-neox-20b"),  # MPT uses NeoX's tokenizer
+}
+
+
+def tiny_folder(arch: str, folder: Path):
+    """A random checkpoint of minisink's own model class, saved as a hub folder would be.
+    Returns the folder and its tokenizer."""
+    config, tokenizer = TINY[arch]
+    need_assets(TOKENIZERS / tokenizer / "tokenizer.json")
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(TOKENIZERS / tokenizer / "tokenizer.json", folder)
+    tokenizer = load_tokenizer(folder)
+    config = dict(config, vocab_size=tokenizer.vocab_size)
+    cls, parsed = build_config(config)
+    torch.manual_seed(0)
+    model = cls(parsed)
+    # named_parameters() lists a tied weight once, as the checkpoint stores it
+    save_file({name: p.detach().contiguous() for name, p in model.named_parameters()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, tokenizer
+
+
+@pytest.mark.parametrize("arch", list(TINY))
+def test_stream_tiny_random_checkpoint(arch, tmp_path):
+    folder, tokenizer = tiny_folder(arch, tmp_path / arch)
+    result = run_py("--model", folder, "--stream", "--prompt", "Hello, world", "--max-new-tokens", 40,
+                    "--temperature", 0)
+    assert result.returncode == 0, result.stderr
+    # the same stream in-process: what run.py prints must be the decoded tokens, prompt first
+    prompt = tokenizer.encode("Hello, world")
+    stream = Stream(load_model(folder), sink_size=4, window_size=28)
+    new = [int(t) for t in stream.generate(torch.tensor([[tokenizer.bos_id] + prompt]), max_new_tokens=40)]
+    assert result.stdout == tokenizer.decode(prompt + new) + "\n"
+    assert result.stdout.startswith("Hello, world")
+    assert "cache 32/32 slots (sink, S=4 W=28)" in summary_of(result.stderr)  # over 32 tokens: evicting
+
+
+# -------------------------------------------------------------------------------------------- chat
+
+def write_prompts(path: Path) -> Path:
+    path.write_text(json.dumps({"question_id": 81, "turns": ["Tell me a story about a cat.", "What did the cat eat?"]})
+                    + "\n" + json.dumps({"question_id": 82, "turns": ["Who was Lily?"]}) + "\n")
+    return path
+
+
+def test_chat_from_prompts_file(tmp_path):
+    need_assets(STORIES)
+    result = run_py("--model", STORIES, "--prompts", write_prompts(tmp_path / "q.jsonl"), "--max-new-tokens", 12,
+                    "--temperature", 0)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("\n")
+    assert [line for line in lines if line.startswith("USER: ")] == [
+        "USER: Tell me a story about a cat.", "USER: What did the cat eat?", "USER: Who was Lily?"]
+    assert sum(line.startswith("ASSISTANT: ") for line in lines) == 3
+    summary = summary_of(result.stderr)
+    generated, fed = map(int, re.search(r"3 turns, (\d+) tokens generated; .* over 3 turns \((\d+) prompt tokens\)",
+                                        summary).groups())
+    assert generated <= 36
+    # one stream for the whole chat: the cache holds every turn and every reply (the last reply
+    # token is still pending, fed with the next turn)
+    assert f"cache {fed + generated - 1}/512 slots" in summary
+
+
+def test_chat_cache_persists_across_turns(tmp_path):
+    """Three turns through Demo.chat, then one fresh stream fed the concatenation of everything
+    before the third reply: it must give the same third reply, token for token."""
+    need_assets(STORIES)
+    args = run.parse_args(["--model", str(STORIES), "--max-new-tokens", "15", "--temperature", "0", "--no-status"])
+    demo, first, _ = run.make_demo(args)
+    demo.out = io.StringIO()
+    turns = run.read_prompts(write_prompts(tmp_path / "q.jsonl"))
+    transcript = demo.chat(first, turns)
+    assert len(transcript) == 3
+    total = len(first) + sum(len(t["prompt_ids"]) + len(t["reply_ids"]) for t in transcript)
+    assert demo.stream.tokens_seen == total - 1  # all but the last reply token, which is pending
+    assert demo.meter.generated == sum(len(t["reply_ids"]) for t in transcript)
+
+    history = first + [i for t in transcript[:2] for i in t["prompt_ids"] + t["reply_ids"]] + transcript[2]["prompt_ids"]
+    fresh = Stream(demo.model, sink_size=4, window_size=508)
+    third = transcript[2]["reply_ids"]
+    again = [int(t) for t in fresh.generate(torch.tensor([history]), max_new_tokens=len(third))]
+    assert again == third
+    assert demo.out.getvalue().count("ASSISTANT: ") == 3
+
+
+def test_chat_from_piped_stdin(monkeypatch, capsys):
+    need_assets(STORIES)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\n\nhow are you\n"))  # not a TTY: piped
+    assert run.main(["--model", str(STORIES), "--max-new-tokens", "5", "--seed", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("USER: hello there\nASSISTANT: ") and "\nUSER: how are you\nASSISTANT: " in out
+    assert "2 turns" in summary_of(err)
+
+
+def test_stop_text_never_prints_a_stop_string():
+    stop = run.StopText(("\nUSER:",))
+    assert stop.push("Hi there") == ("Hi there", False)
+    assert stop.push("!\nUS") == ("!", False)          # "\nUS" might be the start of "\nUSER:"
+    assert stop.push("E") == ("", False)
+    assert stop.push("R: again") == ("", True)
+    stop = run.StopText(("\nUSER:",))
+    assert stop.push("\nUSA") == ("\nUSA", False)      # was not a stop after all
+
+
+# --------------------------------------------------------------------------- Ctrl-C and the status
+
+def test_ctrl_c_ends_an_endless_stream_with_a_summary_and_status_line():
+    """An endless stream with stderr on a pseudo-terminal: the status line is drawn (tokens, cache
+    slots, tok/s, RSS); Ctrl-C (SIGINT) ends it with the summary, exit code 0, no traceback."""
+    need_assets(STORIES)
+    pty = pytest.importorskip("pty")
+    master, slave = pty.openpty()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), "--model", str(STORIES), "--stream", "--seed", "0",
+                             "--window-size", "8"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    try:
+        assert len(proc.stdout.read(1000)) == 1000  # it is streaming, past the 12 slots of the cache
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    err = b""
+    while chunk := read_or_eof(master):
+        err += chunk
+    os.close(master)
+    err = err.decode()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert re.search(r"\[[\d,]+ tokens \| cache \d+/12 slots \| [\d.,]+ tok/s \| RSS [\d,]+ MB\]", err), err
+    summary = err.rsplit("\x1b[2K", 1)[-1].strip()  # after the status line is cleared
+    assert summary.startswith("run.py: interrupted: ") and "cache 12/12 slots" in summary, summary
+
+
+def read_or_eof(fd) -> bytes:
+    try:
+        return os.read(fd, 1 << 16)
+    except OSError:  # Linux: EIO once the other end is closed
+        return b""
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+def test_memory_stays_flat_in_a_long_stream():
+    """Cheap version of the slow test below: 1,500 tokens through a 12-slot cache; the cache never
+    grows and nothing run.py keeps grows with the stream (RSS after 1,500 tokens ~ after 300)."""
+    need_assets(STORIES)
+    args = run.parse_args(["--model", str(STORIES), "--stream", "--window-size", "8", "--no-status", "--seed", "0"])
+    demo, first, prompt = run.make_demo(args)
+    demo.out = io.StringIO()
+    rss = []
+    for n in (300, 1500):
+        demo.args.max_new_tokens = n - demo.meter.generated
+        demo.out.seek(0), demo.out.truncate()
+        demo.monologue(first if not rss else [], prompt if not rss else [])
+        rss.append(float(re.search(r"RSS ([\d,.]+) MB", run.memory(demo.stream.device)).group(1).replace(",", "")))
+    assert demo.meter.generated == 1500 and demo.stream.tokens_seen == 1500  # one stream, continued
+    assert demo.stream.slots_used == 12 and demo.stream.cache.k[0].shape[2] == 12
+    assert rss[1] - rss[0] < 5, rss
+
+
+def rss_mb(stderr: str) -> float:
+    return float(re.search(r"RSS ([\d,]+) MB", summary_of(stderr)).group(1).replace(",", ""))
+
+
+@pytest.mark.slow
+def test_memory_flat_over_100k_tokens():
+    """`python run.py --stream --max-new-tokens N` for N = 10K and 100K: RSS at the end is the same.
+    About 5 minutes on one CPU thread; run with `pytest -m slow`. Result in docs/run.md."""
+    need_assets(STORIES)
+    rss = {}
+    for n in (10_000, 100_000):
+        result = run_py("--model", STORIES, "--stream", "--max-new-tokens", n, "--seed", 0, timeout=1200)
+        assert result.returncode == 0, result.stderr
+        assert f"{n:,} tokens generated" in result.stderr
+        rss[n] = rss_mb(result.stderr)
+    assert abs(rss[100_000] - rss[10_000]) < 5, rss
+
+
+# -------------------------------------------------------------------------------------------- errors
+
+def test_offline_mode_names_the_local_folder_alternative(tmp_path):
+    result = run_py("--model", "pythia-70m", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "EleutherAI/pythia-70m", "offline mode", "HF_HUB_OFFLINE",
+                          "--model path/to/folder")
+
+
+def test_folder_with_only_a_pickle_is_refused(tmp_path):
+    need_assets(STORIES)
+    shutil.copy(STORIES / "config.json", tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled, ever")
+    code, err = main_in_process(["--model", str(tmp_path), "--stream"])
+    assert code == 1
+    assert_one_line_error(err, "pytorch_model.bin", "safetensors only")
+
+
+def test_unknown_short_name_lists_close_matches():
+    code, err = main_in_process(["--model", "pythia-70n", "--stream"])
+    assert code == 1
+    assert_one_line_error(err, "unknown model name 'pythia-70n'", "did you mean", "pythia-70m", "--list-models")
+
+
+def test_missing_folder():
+    code, err = main_in_process(["--model", "./no/such/folder"])
+    assert code == 1
+    assert_one_line_error(err, "./no/such/folder: no such folder")
+
+
+def http_error(status: int, url: str, **headers):
+    """A fake download that fails exactly as huggingface_hub fails on this HTTP response."""
+    from httpx2 import Request, Response  # the HTTP library huggingface_hub 1.x+ is built on
+    from huggingface_hub.utils import hf_raise_for_status
+
+    def download(repo_id, revision=None, allow_patterns=None):
+        hf_raise_for_status(Response(status, headers=headers, request=Request("GET", url)))
+    return download
+
+
+def test_gated_repo_without_a_token_says_how_to_log_in(monkeypatch, tmp_path):
+    pytest.importorskip("httpx2")
+    import huggingface_hub.constants
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "token"))  # not logged in
+    download = http_error(401, "https://huggingface.co/api/models/meta-llama/Llama-2-7b-chat-hf/revision/main",
+                          **{"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to model is restricted"})
+    code, err = main_in_process(["--model", "llama-2-7b-chat"], download=download)
+    assert code == 1
+    assert_one_line_error(err, "meta-llama/Llama-2-7b-chat-hf is a gated repo", "hf auth login", "HF_TOKEN",
+                          "https://huggingface.co/meta-llama/Llama-2-7b-chat-hf")
+
+
+def test_repo_not_found(monkeypatch):
+    pytest.importorskip("httpx2")
+    download = http_error(404, "https://huggingface.co/api/models/someone/nothing/revision/main",
+                          **{"X-Error-Code": "RepoNotFound"})
+    code, err = main_in_process(["--model", "someone/nothing"], download=download)
+    assert code == 1
+    assert_one_line_error(err, "someone/nothing: no such local folder, nor model repo", "hf auth login")
+
+
+def test_revision_not_found(monkeypatch):
+    pytest.importorskip("httpx2")
+    download = http_error(404, "https://huggingface.co/api/models/EleutherAI/pythia-70m/revision/refs%2Fpr%2F99",
+                          **{"X-Error-Code": "RevisionNotFound"})
+    code, err = main_in_process(["--model", "pythia-70m", "--revision", "refs/pr/99"], download=download)
+    assert code == 1
+    assert_one_line_error(err, "EleutherAI/pythia-70m has no revision 'refs/pr/99'")
+
+
+def test_repo_without_safetensors_suggests_a_revision(tmp_path):
+    """allow_patterns skips *.bin, so a pickle-only repo downloads as config + tokenizer only."""
+    need_assets(STORIES)
+
+    def download(repo_id, revision=None, allow_patterns=None):
+        assert "*.safetensors" in allow_patterns and not any(p.endswith(".bin") for p in allow_patterns)
+        shutil.copy(STORIES / "config.json", tmp_path)
+        shutil.copy(STORIES / "tokenizer.model", tmp_path)
+        return str(tmp_path)
+    code, err = main_in_process(["--model", "pythia-160m"], download=download)
+    assert code == 1
+    assert_one_line_error(err, "EleutherAI/pythia-160m has no safetensors weights", "pickled .bin", "--revision refs/pr/N")
+
+
+def test_hub_unreachable(monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def download(repo_id, revision=None, allow_patterns=None):  # what snapshot_download raises with no network
+        raise LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub, and we "
+                                      "cannot find the appropriate snapshot folder")
+    code, err = main_in_process(["--model", "tiiuae/falcon-7b"], download=download)
+    assert code == 1
+    assert_one_line_error(err, "tiiuae/falcon-7b", "unreachable", "--model path/to/folder")
+
+
+def test_download_gets_revision_and_only_what_minisink_reads(tmp_path):
+    need_assets(STORIES)
+    calls = []
+
+    def download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, allow_patterns))
+        return str(STORIES)
+    code, err = main_in_process(["--model", "mpt-7b-chat", "--revision", "refs/pr/3", "--stream",
+                                 "--max-new-tokens", "3"], download=download)
+    assert code == 0, err
+    (repo_id, revision, patterns), = calls
+    assert (repo_id, revision) == ("mosaicml/mpt-7b-chat", "refs/pr/3")
+    assert set(patterns) >= {"*.safetensors", "config.json", "tokenizer.json", "tokenizer.model"}
+
+
+def test_missing_tokenizer_is_one_line(tmp_path):
+    need_assets(STORIES)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(STORIES / name, tmp_path)
+    code, err = main_in_process(["--model", str(tmp_path), "--stream"])
+    assert code == 1
+    assert_one_line_error(err, "tokenizer: ", "no tokenizer found")
+
+
+def test_fp16_on_cpu_is_refused():
+    need_assets(STORIES)
+    code, err = main_in_process(["--model", str(STORIES), "--stream", "--device", "cpu", "--dtype", "fp16"])
+    assert code == 1
+    assert_one_line_error(err, "--dtype fp16 is refused on CPU", "fp32", "bf16")
+
+
+def test_bad_prompts_file(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"turns": ["fine"]}\n{"question": "no turns"}\n')
+    code, err = main_in_process(["--prompts", str(path)])
+    assert code == 1
+    assert_one_line_error(err, f"{path}:2:", '"turns"')
+
+
+# ----------------------------------------------------------------------------------------- listing
+
+def test_list_models(capsys):
+    assert run.main(["--list-models"]) == 0
+    out = capsys.readouterr().out
+    for size in ("70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b"):
+        assert re.search(rf"pythia-{re.escape(size)}\s+EleutherAI/pythia-{re.escape(size)}\s", out)
+    for name, repo in [("llama-2-70b-chat", "meta-llama/Llama-2-70b-chat-hf"), ("falcon-40b-instruct", "tiiuae/falcon-40b-instruct"),
+                       ("mpt-7b-instruct", "mosaicml/mpt-7b-instruct"), ("llama-2-13b", "meta-llama/Llama-2-13b-hf")]:
+        assert re.search(rf"^{name}\s+{repo}\s", out, re.M)
+    assert "70.4M" in out and "6.74B" in out and "gated" in out
+
+
+def test_help_names_every_option(capsys):
+    with pytest.raises(SystemExit) as exit:
+        run.main(["--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--model", "--revision", "--list-models", "--stream", "--policy", "--sink-size", "--window-size",
+                 "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--device", "--dtype",
+                 "--compile", "--prompt ", "--prompts", "--no-status"):
+        assert flag in out, flag
+
+
+def test_templates_by_model_name():
+    assert run.pick_template("llama-2-7b-chat", "llama") == "llama-2-chat"
+    assert run.pick_template("meta-llama/Llama-2-13b-chat-hf", "llama") == "llama-2-chat"
+    assert run.pick_template("mpt-7b-chat", "mpt") == "chatml"
+    assert run.pick_template("mpt-7b-instruct", "mpt") == "dolly"
+    assert run.pick_template("falcon-40b-instruct", "falcon") == "falcon-instruct"
+    assert run.pick_template("pythia-1b", "gpt_neox") == "plain"
+
+
+def test_window_defaults_to_the_trained_context():
+    assert run.context_length({"max_position_embeddings": 4096}) == 4096
+    assert run.context_length({"max_seq_len": 2048, "model_type": "mpt"}) == 2048
+    assert run.context_length({"model_type": "falcon"}) == 2048  # says nothing: the fallback
