@@ -42,6 +42,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, sc
         return attend_sdpa(q, k, v, layout, scale, rope, alibi_slopes)
     B, nh, T, hd = q.shape
     nkv, L = k.shape[1], k.shape[2]
+    probs = attention_probs(q, k, layout, scale, rope, alibi_slopes)   # (B, nh, T, L)
+    y = probs.view(B, nkv, nh // nkv * T, L) @ v                       # (B, nkv, g*T, hd)
+    return y.view(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, layout: Layout, scale: float,
+                    rope: Rotary | None = None, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, nh, T, L) softmax probabilities of queries q (B, nh, T, hd) over keys k (B, nkv, L, hd).
+
+    The first half of `attend`, public so that attention maps can be drawn with the same code.
+    """
+    B, nh, T, hd = q.shape
+    nkv, L = k.shape[1], k.shape[2]
     g = nh // nkv  # query heads per kv head (GQA/MQA); head h reads kv head h // g
 
     def scores_for(q_pos: torch.Tensor) -> torch.Tensor:
@@ -58,9 +71,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, sc
     if alibi_slopes is not None:
         scores = scores + alibi_bias(layout, alibi_slopes)          # (B, nh, T, L), fp32
     scores = scores.masked_fill(~layout.mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    y = probs.view(B, nkv, g * T, L) @ v                             # (B, nkv, g*T, hd)
-    return y.view(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
 
 
 def alibi_bias(layout: Layout, slopes: torch.Tensor) -> torch.Tensor:
