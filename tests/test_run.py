@@ -76,6 +76,22 @@ def test_stream_greedy_reproduces_llama2c_golden_text():
     assert "GB/s of weights read" in summary and "cache 200/512 slots (sink, S=4 W=508)" in summary
 
 
+def test_fresh_clone_streams_english_offline_with_the_default_model(tmp_path):
+    """What a newcomer runs first: no --model, no network, no ../shared beside the checkout."""
+    clone = tmp_path / "minisink"
+    shutil.copytree(REPO / "minisink", clone / "minisink", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "run.py", clone / "run.py")
+    assert not (clone.parent / "shared").exists()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+    result = subprocess.run([sys.executable, "run.py", "--stream", "--max-new-tokens", "200", "--seed", "0"],
+                            cwd=clone, env=env, capture_output=True, encoding="utf-8", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "200 tokens generated" in summary_of(result.stderr)
+    words = re.findall(r"[A-Za-z']+", result.stdout)
+    common = {"the", "a", "and", "was", "to", "she", "he", "they", "her", "his", "it", "in", "said"}
+    assert len(words) > 80 and sum(w.lower() in common for w in words) > len(words) / 6, result.stdout
+
+
 # ------------------------------------------------------------- tiny random checkpoints, other archs
 
 TINY = {  # config.json of each; the context (S+W) is 32 so that 40 new tokens evict
