@@ -236,14 +236,18 @@ def memory(device: torch.device) -> str:
 class Meter:
     """Counts tokens and times them in two parts, as gpt-fast does: the first token of each
     generation (prefill of the prompt, plus compilation with --compile) and the decode steps after
-    it, which are what tok/s measures. Time spent waiting for a user is in neither."""
+    it, which are what tok/s measures. Time spent waiting for a user is in neither.
 
-    def __init__(self, model):
+    With --compile the first *decode step* is where compilation happens (the prompt is prefilled
+    eagerly), so the first two tokens of the first generation count as "first token"."""
+
+    def __init__(self, model, compile: bool = False):
         # parameters() lists a tied weight once: a decode step reads it once
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.fed = self.generated = self.decoded = 0
         self.first_s = self.decode_s = 0.0
         self._last, self._first = None, True
+        self._compiling = compile  # the next decode step, the first, will compile
 
     def start(self):
         """A generation begins: its prompt is about to be fed."""
@@ -252,7 +256,8 @@ class Meter:
     def tick(self):
         """One token came out."""
         now = time.perf_counter()
-        if self._first:
+        if self._first or self._compiling:
+            self._compiling = self._compiling and self._first  # the token after the first compiled
             self.first_s += now - self._last
         else:
             self.decode_s += now - self._last
@@ -322,7 +327,7 @@ class Demo:
     def __init__(self, args, model, tokenizer, stream: Stream, template: Template, out=None):
         self.args, self.model, self.tok, self.stream, self.template = args, model, tokenizer, stream, template
         self.out = out or sys.stdout
-        self.meter = Meter(model)
+        self.meter = Meter(model, compile=args.compile)
         self.status = StatusLine(not args.no_status)
         self.decoder = None   # the StreamDecoder of the text being printed, flushed on Ctrl-C
         self.turns = 0

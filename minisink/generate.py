@@ -104,7 +104,9 @@ class Stream:
         The last generated token, if not fed yet, goes first: the stream is one sequence of tokens.
         """
         ids = torch.empty(self.batch_size, 0, dtype=torch.long) if ids is None else ids
-        ids = ids.to(self.device)
+        # a copy made here is an inference tensor like every sampled token, so a compiled step
+        # sees one kind of input and compiles once
+        ids = ids.to(self.device, copy=True)
         if self.pending is not None:
             ids, self.pending = torch.cat([self.pending[:, None], ids], dim=1), None
         if ids.shape[1] == 0:
@@ -112,9 +114,9 @@ class Stream:
         if self.policy == "recompute":
             for t in range(ids.shape[1]):
                 self.logits = self._recompute(ids[:, t])
-        elif ids.shape[1] == 1:
+        elif ids.shape[1] == 1 and self.cache.k:  # the step: once the buffers exist, shapes are static
             self.logits = self.step(self.model, self.cache, ids[:, 0])
-        else:
+        else:  # a prompt, or the very first token (it allocates the buffers): eager, never graphed
             self.logits = prefill(self.model, self.cache, ids, self.prefill_chunk)
         return self.logits
 

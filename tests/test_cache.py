@@ -234,3 +234,16 @@ def test_turns_share_one_stream():
     replay = Stream(model, "sink", 2, 8)
     assert (logits - replay.feed(torch.tensor([[1, 2, 3, *reply, 4, 5]]))).abs().max() < 1e-5
     assert stream.tokens_seen == replay.tokens_seen == 10
+
+
+def test_compiled_stream_compiles_once_and_agrees_with_eager():
+    """The first token (it allocates the buffers) and prompts stay eager; every later step is one graph."""
+    from torch._dynamo.utils import counters
+    model = tiny_model("llama")
+    torch._dynamo.reset()
+    counters.clear()
+    prompt = torch.tensor([[1]])  # BOS alone: the case that used to compile twice
+    compiled = [int(t) for t in Stream(model, "sink", 2, 6, compile=True).generate(prompt, max_new_tokens=15)]
+    assert counters["stats"]["unique_graphs"] == 1
+    eager = [int(t) for t in Stream(model, "sink", 2, 6).generate(prompt, max_new_tokens=15)]
+    assert compiled == eager
