@@ -89,8 +89,10 @@ class SinkCache(nn.Module):
     def begin(self, T: int) -> Layout:
         """Plan a forward pass over the next T tokens of the stream; call once before the layers."""
         tok = self.n + torch.arange(T, device=self.n.device)          # (T,) stream indices of the queries
-        # T == 1 is decided without looking at n: the decode step must not sync with the device
-        self._write_first = T == 1 or self.length + T <= self.capacity
+        # T == 1 is decided without looking at n: the decode step must not sync with the device.
+        # A chunk reads n on the host once, to know whether it overflows the cache.
+        n = None if T == 1 else self.length
+        self._write_first = T == 1 or n + T <= self.capacity
         if self._write_first:
             self._new_slots = self.slots_of(tok)
             self.slot_token.index_copy_(0, self._new_slots, tok)
@@ -99,7 +101,6 @@ class SinkCache(nn.Module):
             key_tok = torch.cat([self.slot_token, tok])                 # (L=S+W+T,) buffer, then chunk
             # Only the sinks and the last W tokens of the chunk survive it; writing only those keeps
             # every slot index unique (index_copy_ with duplicates is undefined).
-            n = self.length
             keep = [i for i in range(T) if n + i < self.S or i >= T - self.W]
             self._keep = torch.tensor(keep, dtype=torch.long, device=self.n.device)
             self._new_slots = self.slots_of(tok[self._keep])
