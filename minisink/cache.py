@@ -74,6 +74,8 @@ class SinkCache(nn.Module):
         self.v: list[torch.Tensor] = []
         self.register_buffer("slot_token", torch.full((self.capacity,), -1, dtype=torch.long, device=device))
         self.register_buffer("n", torch.zeros((), dtype=torch.long, device=device))  # tokens seen
+        for buf in (self.slot_token, self.n):
+            self._static(buf)
         self._write_first = True
         self._new_slots = self._keep = None
 
@@ -126,8 +128,8 @@ class SinkCache(nn.Module):
         """Store this layer's new k, v (B, kv_heads, T, hd); return the keys and values to attend to."""
         if layer == len(self.k):
             B, H, _, D = k.shape
-            self.k.append(torch.zeros(B, H, self.capacity, D, device=self.device, dtype=self.dtype))
-            self.v.append(torch.zeros(B, H, self.capacity, D, device=self.device, dtype=self.dtype))
+            self.k.append(self._static(torch.zeros(B, H, self.capacity, D, device=self.device, dtype=self.dtype)))
+            self.v.append(self._static(torch.zeros(B, H, self.capacity, D, device=self.device, dtype=self.dtype)))
         k_buf, v_buf = self.k[layer], self.v[layer]
         if self._write_first:
             k_buf.index_copy_(2, self._new_slots, k.to(self.dtype))
@@ -137,6 +139,14 @@ class SinkCache(nn.Module):
         k_buf.index_copy_(2, self._new_slots, k[:, :, self._keep].to(self.dtype))
         v_buf.index_copy_(2, self._new_slots, v[:, :, self._keep].to(self.dtype))
         return keys, values
+
+    @staticmethod
+    def _static(buf: torch.Tensor) -> torch.Tensor:
+        """Tell torch.compile this tensor never moves: a CUDA graph (mode="reduce-overhead") can then
+        read and write it in place at every replay instead of copying it in and out."""
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(buf)
+        return buf
 
     def reset(self) -> None:
         """Forget the stream but keep the buffers (a new stream of the same shape)."""
