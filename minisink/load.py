@@ -21,6 +21,8 @@ ARCHITECTURES = {
     "falcon": ("minisink.models.falcon", "FalconForCausalLM", "FalconConfig"),
     "mpt": ("minisink.models.mpt", "MptForCausalLM", "MptConfig"),
 }
+# Mistral is Llama plus a sliding window (see minisink/models/llama.py)
+ARCHITECTURES["mistral"] = ARCHITECTURES["llama"]
 # falcon-7b/40b were first published with custom code under these model_types
 ARCHITECTURES["RefinedWebModel"] = ARCHITECTURES["RefinedWeb"] = ARCHITECTURES["falcon"]
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,

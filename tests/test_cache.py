@@ -43,6 +43,10 @@ class NaiveCache:
 TINY = {
     "llama": dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=40,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    # Mistral's sliding window (40) is wider than every window here but shorter than the longest
+    # streams: it must cut nothing that the sink cache holds (sinks are exempt by design)
+    "mistral": dict(model_type="mistral", vocab_size=VOCAB, hidden_size=32, intermediate_size=40,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=40),
     "gpt_neox": dict(model_type="gpt_neox", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                      num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.25, hidden_act="gelu",
                      use_parallel_residual=True),

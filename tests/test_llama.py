@@ -149,6 +149,17 @@ def test_unexpected_tensor(folder):
                                        "(not a parameter of LlamaForCausalLM with this config.json)")
 
 
+def test_llama2_checkpoint_with_rotary_inv_freq_buffers_loads(folder):
+    """Llama-2 as published on the hub: one self_attn.rotary_emb.inv_freq buffer per layer beside the
+    weights. They are ignored (minisink computes RoPE from the config); the logits are unchanged."""
+    ids = torch.randint(0, BASE["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(3))
+    want = load_model(folder)(ids)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8)  # head_dim 8, as transformers 4.31 saved it
+    rewrite(folder, lambda t: t.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq.clone() for i in range(2)}))
+    assert "model.layers.1.self_attn.rotary_emb.inv_freq" in load_file(folder / "model.safetensors")
+    assert torch.equal(load_model(folder)(ids), want)
+
+
 def test_shape_mismatch(folder):
     rewrite(folder, lambda t: t.update({"model.norm.weight": torch.ones(31)}))
     assert "expected tensor model.norm.weight of shape (32,), found (31,)" in load_error(folder)

@@ -1,7 +1,11 @@
-"""Llama (Llama-2 7B/13B/70B, Llama-3 rope scaling), with the names of the HF checkpoint.
+"""Llama (Llama-2 7B/13B/70B, Llama-3 rope scaling) and Mistral, with the names of the HF checkpoint.
 
 Pre-norm blocks: RMSNorm -> attention (RoPE, grouped-query) -> residual; RMSNorm -> SwiGLU -> residual.
+
+Mistral-7B (`model_type: mistral`) is this model plus a sliding window: a token attends to at most
+`sliding_window` keys, itself included (transformers' Mistral differs from its Llama only there).
 """
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +34,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    sliding_window: int | None = None       # Mistral: keys at distance >= this are masked; None: Llama
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
@@ -40,7 +45,16 @@ class LlamaConfig:
         if d.get("hidden_act", "silu") != "silu":
             refuse("hidden_act", d["hidden_act"], "Llama's MLP is SwiGLU (silu)")
         theta, scaling = rope_from_config(d)
-        return from_json(cls, {**d, "rope_theta": theta, "rope_scaling": scaling})
+        d = {**d, "rope_theta": theta, "rope_scaling": scaling}
+        if d.get("model_type") == "mistral":
+            # transformers' MistralConfig: 4096 when config.json is silent; null (v0.2+) turns it off
+            d["sliding_window"] = d.get("sliding_window", 4096)
+        else:
+            d.pop("sliding_window", None)  # transformers' Llama has no sliding window, whatever the file says
+        window = d.get("sliding_window")
+        if window is not None and not (isinstance(window, int) and window > 0):
+            refuse("sliding_window", window, "a positive number of tokens, or null")
+        return from_json(cls, d)
 
 
 class LlamaRMSNorm(nn.Module):
@@ -112,6 +126,10 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    # Llama-2 checkpoints on the hub were saved while transformers still kept RoPE's inverse frequencies
+    # as a persistent buffer, one per layer; minisink computes them from the config (minisink/rope.py)
+    ignore_in_checkpoint = [r"\.self_attn\.rotary_emb\.inv_freq$"]
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
@@ -125,7 +143,21 @@ class LlamaForCausalLM(nn.Module):
         if cache is None:
             cache = DenseCache(input_ids.shape[1], device=input_ids.device, dtype=self.lm_head.weight.dtype)
         layout = cache.begin(input_ids.shape[1])
+        if self.config.sliding_window is not None:
+            layout = sliding_window(layout, self.config.sliding_window)
         x = self.model.embed_tokens(input_ids)                                          # (B, T, C)
         for layer in self.model.layers:
             x = layer(x, cache, layout)
         return self.lm_head(self.model.norm(x))                                         # (B, T, vocab)
+
+
+def sliding_window(layout, size: int):
+    """Mistral's mask on top of the cache's: no key `size` or more positions behind the query.
+
+    Sinks are exempt: they are kept on purpose (that is StreamingLLM), and a sink cache's window is
+    never wider than `size` (run.py and eval.py see to it), so this only ever cuts into a dense
+    cache, as transformers' Mistral does. Window keys' distances inside the cache are distances in
+    the text (q_pos frame), so the same rule holds for chunks that overflow the cache.
+    """
+    near = layout.q_pos[:, None] - layout.k_pos[None, :] < size     # (T, L)
+    return dataclasses.replace(layout, mask=layout.mask & (near | layout.is_sink))
