@@ -260,6 +260,23 @@ def _gpt2_split() -> re.Pattern:
     )
 
 
+# Llama 3's split pattern, as its tokenizer.json writes it (a Split step before a regex-less ByteLevel).
+# Unlike GPT-2's: contractions in any case, a letter run takes one leading non-letter (not only a
+# space), numbers go in groups of at most 3 digits, and line breaks stick to the run before them.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@cache
+def _llama3_split() -> re.Pattern:
+    # (?i:...) folds case as Oniguruma does for these letters (Python's re also folds "ſ" to "s")
+    L, N, S = _char_class("L"), _char_class("N"), _WHITESPACE
+    return re.compile(
+        rf"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n{L}{N}]?[{L}]+|[{N}]{{1,3}}|"
+        rf" ?[^{S}{L}{N}]+[\r\n]*|[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+"
+    )
+
+
 @cache
 def _punctuation_class() -> str:
     """HF's Punctuation pre-tokenizer: ASCII punctuation (which includes symbols like $+<=>^`|~)
@@ -327,6 +344,7 @@ class _Split:
 _KNOWN_SPLIT_REGEXES = {
     "[0-9][0-9][0-9]": lambda: re.compile("[0-9][0-9][0-9]"),  # Falcon: numbers in groups of 3
     GPT2_PATTERN: _gpt2_split,
+    LLAMA3_PATTERN: _llama3_split,  # Llama 3, 3.1, 3.2
 }
 
 

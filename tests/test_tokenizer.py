@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(
 
 TOKENIZERS = ASSETS / "tokenizers"
 BOOKS = ["moby_dick", "crime_and_punishment", "tinyshakespeare", "tinystories_val_sample"]
-JSON_NAMES = ["gpt-neox-20b", "falcon"]
+JSON_NAMES = ["gpt-neox-20b", "falcon", "llama3"]
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -99,7 +99,7 @@ def reference_cases(name: str):
     return [(text, [int(i) for i in line.split()]) for text, line in zip(texts, lines)]
 
 
-@pytest.mark.parametrize("cases, name", [("llama-spm", "llama2"), *[(n, n) for n in JSON_NAMES]])
+@pytest.mark.parametrize("cases, name", [("llama-spm", "llama2"), ("gpt-neox-20b",) * 2, ("falcon",) * 2])
 def test_reference_cases(cases, name):
     """llama-spm's ids come from HF's LlamaTokenizer; plain sentencepiece gives all of them."""
     pairs = reference_cases(cases)
@@ -107,6 +107,21 @@ def test_reference_cases(cases, name):
     got = [ours(name).encode(text) for text, _ in pairs]
     wrong = [(text, mine, ids) for (text, ids), mine in zip(pairs, got) if mine != ids]
     assert wrong == [], f"{len(wrong)} of 46 {cases} cases differ; first: {wrong[:1]}"
+
+
+@pytest.mark.parametrize("cases", ["llama-spm", "gpt-neox-20b", "falcon"])
+def test_reference_strings_llama3(cases):
+    """llama.cpp has no .out of ids for this Llama-3.2 file, so its 46 x 3 reference strings (made to
+    reach the corners of these pre-tokenizers) are checked against `tokenizers` instead."""
+    texts = [text for text, _ in reference_cases(cases)]
+    wrong = [text for text in texts if ours("llama3").encode(text) != oracle_encode("llama3", text)]
+    assert wrong == []
+
+
+def test_llama3_bos_is_begin_of_text():
+    tok = ours("llama3")
+    assert tok.id_to_piece(tok.bos_id) == "<|begin_of_text|>" and tok.id_to_piece(tok.eos_id) == "<|end_of_text|>"
+    assert tok.encode("Hi there", bos=True) == oracle_encode("llama3", "Hi there", bos=True)
 
 
 # -- whole books against the libraries ----------------------------------------------------------
@@ -144,6 +159,20 @@ def test_gpt2_split_agrees_with_tokenizers_on_every_assigned_code_point():
         assert got == want, f"split differs in code points {ord(chars[start]):#x}.."
 
 
+def test_llama3_split_agrees_with_tokenizers_on_every_assigned_code_point():
+    """As above, for Llama 3's pattern; the surroundings also reach its case-insensitive
+    contractions ("'S"), groups of digits and line breaks that stick to what precedes them."""
+    hf = oracle("llama3").pre_tokenizer
+    llama3 = ours("llama3")
+    assigned = (chr(cp) for cp in range(sys.maxunicode + 1))
+    chars = [c for c in assigned if unicodedata.category(c) not in ("Cn", "Cs", "Co")]
+    for start in range(0, len(chars), 25_000):
+        text = "".join(f"a{c}1234{c}!{c} {c}\r\n{c}'S{c}" for c in chars[start : start + 25_000])
+        want = [piece for piece, _ in hf.pre_tokenize_str(text)]
+        got = [_to_byte_level(word) for word in llama3._pre_tokenize(text)]
+        assert got == want, f"split differs in code points {ord(chars[start]):#x}.."
+
+
 def test_punctuation_agrees_with_tokenizers():
     """HF's Punctuation uses Unicode 8.0 categories (see _punctuation_class), so we compare on the
     characters of Unicode 3.2, which Python still ships; U+166D moved from Po to So in Unicode 12."""
@@ -166,7 +195,7 @@ def test_punctuation_agrees_with_tokenizers():
 # multi-byte characters, and added tokens (NeoX's runs of spaces, <|endoftext|>).
 ALPHABET = list("aZé ßs'tdmlrev019 .,!?$+-_()«»—…²½Ⅻあ你🦙\u200d\u0301")
 ALPHABET += list("  \t\n\r\x0b\x03\x1c\x85\xa0\u3000")
-WORDS = ["<|endoftext|>", "<|padding|>", ">>TITLE<<", "'s", "'re", "1234567", "  ", "    x", "e\u0301"]
+WORDS = ["<|endoftext|>", "<|padding|>", ">>TITLE<<", "<|begin_of_text|>", "'s", "'re", "'LL", "1234567", "  ", "    x", "e\u0301"]
 PIECES = st.sampled_from(ALPHABET + WORDS)
 
 
