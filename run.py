@@ -28,14 +28,13 @@ import torch
 
 from minisink.generate import POLICIES, Stream
 from minisink.hub import HubError, model_table, one_line, resolve
-from minisink.load import DTYPES, LoadError, load_model, read_config
+from minisink.load import DTYPES, LoadError, build_config, load_model, read_config
+from minisink.sizing import CacheSizeError, check_fits, choose_window
 from minisink.tokenizer import load_tokenizer
 
 HERE = Path(__file__).resolve().parent
 # The model that ships inside the repository, trained by minisink/train.py (see its README.md)
 DEFAULT_MODEL = HERE / "minisink" / "checkpoints" / "tinystories-1m"
-DEFAULT_CONTEXT = 2048        # when config.json names no context length
-CONTEXT_KEYS = ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length", "max_sequence_length")
 
 
 class UserError(Exception):
@@ -69,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--policy", default="sink", choices=POLICIES, help="default: sink (StreamingLLM)")
     g.add_argument("--sink-size", type=int, default=4, metavar="S", help="attention sinks kept forever (default: 4)")
     g.add_argument("--window-size", type=int, default=None, metavar="W",
-                   help="recent tokens kept (default: the model's trained context minus S)")
+                   help="recent tokens kept (default: the model's trained context minus S, S+W at most 4096)")
     g = p.add_argument_group("generation")
     g.add_argument("--stream", action="store_true", help="endless text instead of chat")
     g.add_argument("--prompt", default="", metavar="TEXT", help="text the stream starts from, after BOS (default: just BOS)")
@@ -117,11 +116,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if dtype == torch.float16 and device.type == "cpu":
         raise UserError("--dtype fp16 is refused on CPU (most CPUs emulate fp16, slowly): use fp32, or bf16 to halve memory")
     return dtype
-
-
-def context_length(config: dict) -> int:
-    """The model's trained context, as config.json names it (Llama/NeoX/Falcon, MPT, GPT-2, ...)."""
-    return next((config[k] for k in CONTEXT_KEYS if isinstance(config.get(k), int)), DEFAULT_CONTEXT)
 
 
 # ------------------------------------------------------------------------------------------- chat
@@ -442,41 +436,64 @@ def start_ids(tokenizer, config: dict, prompt: str) -> tuple[list[int], list[int
     dedicated sink token (minisink/train.py --sink-token) starts with that token instead of BOS."""
     sink = config.get("minisink_sink_token_id")
     first = sink if sink is not None else tokenizer.bos_id
+    if config.get("model_type") in ("falcon", "RefinedWeb", "RefinedWebModel"):
+        # Falcon's tokenizer names no BOS, and its config.json says 11 (<|endoftext|>, which separated
+        # its training documents), but falcon-40b's first release says 1: >>ABSTRACT<<, a tag for the
+        # start of a paper's abstract. Every Falcon starts from <|endoftext|>.
+        first = getattr(tokenizer, "piece_to_id", {}).get("<|endoftext|>", first)
     prompt_ids = tokenizer.encode(prompt) if prompt else []
     if first is None and not prompt_ids:
         raise UserError("this tokenizer has no BOS token to start from: give --prompt TEXT")
     return ([first] if first is not None else []) + prompt_ids, prompt_ids
 
 
+def inspect(folder: Path):
+    """(config dict, model class, parsed config, tokenizer) from the small files of a model folder.
+
+    Everything that can refuse a model (its config, its tokenizer) is read here, before any weight
+    is downloaded or loaded."""
+    config = read_config(folder)
+    cls, parsed = build_config(config, where=str(Path(folder) / "config.json"))
+    try:
+        tokenizer = load_tokenizer(folder)
+    except (OSError, ValueError, RuntimeError) as e:  # missing file, unsupported or malformed tokenizer
+        raise UserError(f"tokenizer: {one_line(e)}") from None
+    return config, cls, parsed, tokenizer
+
+
 def load(args, download=None):
-    """(model, tokenizer, config dict, folder) for --model; every failure is one line."""
+    """(model, tokenizer, config dict, folder, window W) for --model; every failure is one line.
+
+    Order matters: flags, then config and tokenizer (small files, downloaded first), then whether
+    model + cache fit in memory, and only then the weights."""
     device = pick_device(args.device)  # before a download: a wrong flag should not cost gigabytes
     dtype = pick_dtype(args.dtype, device)
+    small = []
     if args.model is None:
         folder = DEFAULT_MODEL
         if not folder.is_dir():
             raise UserError(f"the default model {folder} is missing; pass a model folder or name with --model")
     else:
-        folder = resolve(args.model, args.revision, download=download)
-    config = read_config(folder)
-    model = load_model(folder, dtype=dtype, device=device)
+        folder = resolve(args.model, args.revision, download=download, check=lambda f: small.append(inspect(f)))
+    config, cls, parsed, tokenizer = small[0] if small else inspect(folder)  # [] for a local folder
     try:
-        tokenizer = load_tokenizer(folder)
-    except (OSError, ValueError, RuntimeError) as e:  # missing file, unsupported or malformed tokenizer
-        raise UserError(f"tokenizer: {one_line(e)}") from None
-    return model, tokenizer, config, folder
+        window, notes = choose_window(config, args.sink_size, args.window_size, getattr(parsed, "sliding_window", None))
+        if args.policy != "dense":  # dense grows without bound anyway: nothing to promise up front
+            check_fits(cls, parsed, args.sink_size + window, dtype, device)
+    except CacheSizeError as e:
+        raise UserError(str(e)) from None
+    model = load_model(folder, dtype=dtype, device=device)
+    for note in notes:
+        print(f"run.py: {note}", file=sys.stderr)
+    return model, tokenizer, config, folder, window
 
 
 def make_demo(args, download=None) -> tuple[Demo, list[int], list[int]]:
     """The Demo that args ask for, and (ids the stream starts with, prompt ids to echo)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer, config, folder = load(args, download)
-    sink_size = args.sink_size
-    window = args.window_size or context_length(config) - sink_size
-    if window < 1:
-        raise UserError(f"--sink-size {sink_size} leaves no room for a window in a context of {context_length(config)}")
-    stream = Stream(model, policy=args.policy, sink_size=sink_size, window_size=window, compile=args.compile)
+    model, tokenizer, config, folder, window = load(args, download)
+    stream = Stream(model, policy=args.policy, sink_size=args.sink_size, window_size=window, compile=args.compile)
     if args.seed is not None:
         torch.manual_seed(args.seed)  # one generator for the whole run, chat turns included
     name = args.template if args.template != "auto" else pick_template(args.model or folder.name, config.get("model_type"))

@@ -204,7 +204,8 @@ def parse_args(argv):
     p.add_argument("--tokens", type=int, default=4000, help="length N of the stream, BOS included (default 4000)")
     p.add_argument("--policy", default="dense,window,sink,recompute", help="comma-separated: " + ", ".join(POLICIES))
     p.add_argument("--sink-size", type=int, default=4, help="S, attention sinks (default 4)")
-    p.add_argument("--window-size", type=int, default=1020, help="W, rolling window (default 1020)")
+    p.add_argument("--window-size", type=int, default=None,
+                   help="W, rolling window (default: the model's trained context minus S, S+W at most 4096)")
     p.add_argument("--chunk-size", type=int, default=512, help="tokens per forward pass (default 512)")
     p.add_argument("--out", default=".", help="folder for the CSVs and the PNG (default: current folder)")
     p.add_argument("--sweep-sinks", type=int_list, default=None, metavar="0,1,2,4,8",
@@ -216,15 +217,29 @@ def parse_args(argv):
     bad = [x for x in args.policy if x not in POLICIES]
     if bad or not args.policy:
         raise UserError(f"unknown policy {bad[0] if bad else '(none)'!r}; choose from {', '.join(POLICIES)}")
-    if args.sink_size < 0 or args.window_size < 1 or args.chunk_size < 1:
+    if args.sink_size < 0 or (args.window_size or 1) < 1 or args.chunk_size < 1:
         raise UserError("need --sink-size >= 0, --window-size >= 1 and --chunk-size >= 1")
     if args.tokens < 2:
         raise UserError(f"--tokens must be at least 2 (the first token is not scored), got {args.tokens}")
-    cache_size = args.sink_size + args.window_size
+    return args
+
+
+def choose_cache(args, device) -> tuple[int, list[str]]:
+    """(W, notes to print): --window-size, or the same default as run.py's (minisink/sizing.py)."""
+    from .load import DTYPES, build_config, read_config
+    from .sizing import CacheSizeError, check_fits, choose_window
+    config = read_config(args.model)
+    cls, parsed = build_config(config)
+    try:
+        W, notes = choose_window(config, args.sink_size, args.window_size, getattr(parsed, "sliding_window", None))
+        check_fits(cls, parsed, args.sink_size + W, DTYPES[args.dtype], torch.device(device))
+    except CacheSizeError as e:
+        raise UserError(str(e)) from None
+    cache_size = args.sink_size + W
     for s in args.sweep_sinks or []:
         if not 0 <= s < cache_size:
             raise UserError(f"--sweep-sinks: {s} sinks leave no window in a cache of {cache_size}")
-    return args
+    return W, notes
 
 
 def read_stream(args) -> list[int]:
@@ -340,9 +355,11 @@ def run(args) -> int:
     from .load import DTYPES, load_model
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype {args.dtype!r}: choose one of {', '.join(DTYPES)}")
-    S, W = args.sink_size, args.window_size
+    S, (W, notes) = args.sink_size, choose_cache(args, args.device)
     C = S + W
     ids_list = read_stream(args)
+    for note in notes:  # after the input is known to be readable: an error stays one line
+        print(f"minisink.eval: {note}", file=sys.stderr)
     model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     ids = torch.tensor(ids_list, dtype=torch.long, device=args.device)
     N = ids.shape[0]

@@ -21,11 +21,12 @@ from pathlib import Path
 @dataclass(frozen=True)
 class KnownModel:
     repo_id: str
-    params: float     # parameters, rounded (from the model cards / papers)
+    params: float     # parameters, each tensor counted once (a tied head is the embedding), rounded
     context: int      # trained context length, tokens
     gated: bool = False
 
 
+INSTRUCT = [("", ""), ("-instruct", "-Instruct")]  # short name suffix, repo id suffix
 # Short names. Llama 2 is gated: accept Meta's licence on the model page, then log in.
 MODELS = {
     **{f"pythia-{s}": KnownModel(f"EleutherAI/pythia-{s}", n, 2048) for s, n in [
@@ -34,13 +35,25 @@ MODELS = {
     **{f"llama-2-{s}{chat}": KnownModel(f"meta-llama/Llama-2-{s}{chat}-hf", n, 4096, gated=True)
        for s, n in [("7b", 6.74e9), ("13b", 13.0e9), ("70b", 69.0e9)] for chat in ("", "-chat")},
     **{f"falcon-{s}{kind}": KnownModel(f"tiiuae/falcon-{s}{kind}", n, 2048)
-       for s, n in [("7b", 7.22e9), ("40b", 41.8e9)] for kind in ("", "-instruct")},
+       for s, n in [("7b", 6.92e9), ("40b", 41.3e9)] for kind in ("", "-instruct")},
     **{f"mpt-7b{kind}": KnownModel(f"mosaicml/mpt-7b{kind}", 6.65e9, 2048) for kind in ("", "-chat", "-instruct")},
+    # Mistral and Llama 3 are gated too (Mistral asks for contact details, Meta for its licence).
+    # Mistral-7B v0.1: a 32K position table, but a 4096-token sliding window (minisink/models/llama.py)
+    "mistral-7b": KnownModel("mistralai/Mistral-7B-v0.1", 7.24e9, 32768, gated=True),
+    "mistral-7b-instruct": KnownModel("mistralai/Mistral-7B-Instruct-v0.1", 7.24e9, 32768, gated=True),
+    **{f"llama-3-8b{k}": KnownModel(f"meta-llama/Meta-Llama-3-8B{K}", 8.03e9, 8192, gated=True) for k, K in INSTRUCT},
+    **{f"llama-3.1-8b{k}": KnownModel(f"meta-llama/Llama-3.1-8B{K}", 8.03e9, 131072, gated=True) for k, K in INSTRUCT},
+    **{f"llama-3.2-{s}{k}": KnownModel(f"meta-llama/Llama-3.2-{s.upper()}{K}", n, 131072, gated=True)
+       for s, n in [("1b", 1.24e9), ("3b", 3.21e9)] for k, K in INSTRUCT},
+    "tinyllama-1.1b-chat": KnownModel("TinyLlama/TinyLlama-1.1B-Chat-v1.0", 1.10e9, 2048),
 }
 
-# What snapshot_download fetches. Tokenizer side files carry the BOS/EOS names (minisink/tokenizer.py).
-ALLOW_PATTERNS = ["*.safetensors", "model.safetensors.index.json", "config.json", "tokenizer.json",
-                  "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+# What snapshot_download fetches, in two steps: the small files first, so that an unsupported config or
+# tokenizer is refused before gigabytes of weights arrive. Tokenizer side files carry the BOS/EOS names
+# (minisink/tokenizer.py) and the chat template (minisink/chat.py).
+SMALL_FILES = ["config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+               "special_tokens_map.json", "chat_template.jinja"]
+ALLOW_PATTERNS = ["*.safetensors", "model.safetensors.index.json", *SMALL_FILES]
 
 
 class HubError(Exception):
@@ -71,11 +84,13 @@ def looks_like_repo_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/"))
 
 
-def resolve(name: str, revision: str | None = None, download=None) -> Path:
+def resolve(name: str, revision: str | None = None, download=None, check=None) -> Path:
     """A local model folder for `name` (a folder, a short name or a repo id), downloading if needed.
 
     `download(repo_id, revision=..., allow_patterns=...) -> folder` is huggingface_hub's
     snapshot_download unless given (tests pass a fake one that raises the hub's own exceptions).
+    `check(folder)` runs once only the small files are there, before the weights are downloaded:
+    it raises to stop (run.py refuses an unsupported config or tokenizer there).
     """
     path = Path(name).expanduser()
     if path.is_dir():
@@ -93,13 +108,16 @@ def resolve(name: str, revision: str | None = None, download=None) -> Path:
     repo_id = known.repo_id if known else name
     if download is None:
         from huggingface_hub import snapshot_download as download  # imported late: it is slow to import
-    try:
-        folder = Path(download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
-    except Exception as e:
-        error = translate(e, repo_id, revision)
-        if error is None:
-            raise
-        raise error from None
+    for patterns in (SMALL_FILES, ALLOW_PATTERNS):
+        try:
+            folder = Path(download(repo_id, revision=revision, allow_patterns=patterns))
+        except Exception as e:
+            error = translate(e, repo_id, revision)
+            if error is None:
+                raise
+            raise error from None
+        if check is not None and patterns is SMALL_FILES:
+            check(folder)
     if not any(folder.glob("*.safetensors")):
         raise no_safetensors(repo_id, revision)
     return folder

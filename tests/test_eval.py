@@ -224,3 +224,14 @@ def test_main_reads_stdin_without_tqdm_or_matplotlib(tmp_path, monkeypatch, caps
     assert "window: 79/79 tokens" in err and "matplotlib is not installed" in err
     assert not (tmp_path / "streaming_ppl.png").exists()
     assert (tmp_path / "streaming_ppl_summary.csv").is_file() and "sink" in out
+
+
+def test_window_defaults_to_the_models_context_like_run_py(tmp_path, capsys):
+    """stories260K was trained on 512 tokens: the default cache is 4 + 508, as run.py's, and said."""
+    need_assets(STORIES)
+    code = ev.main(["--model", str(STORIES), "--text", __file__, "--tokens", "40", "--policy", "sink",
+                    "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "minisink.eval: cache: 4 sinks + a window of 508 = the trained context 512" in err
+    assert "cache 4+508" in err

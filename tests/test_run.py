@@ -57,7 +57,8 @@ def assert_one_line_error(stderr: str, *phrases):
 
 def summary_of(stderr: str) -> str:
     assert "Traceback" not in stderr, stderr
-    lines = stderr.strip("\n").split("\n")
+    # the cache that run.py chose (when --window-size is not given) is said before the stream starts
+    lines = [line for line in stderr.strip("\n").split("\n") if not line.startswith("run.py: cache: ")]
     assert len(lines) == 1 and lines[0].startswith("run.py: "), stderr  # status is off: not a TTY
     return lines[0]
 
@@ -292,6 +293,7 @@ def test_offline_mode_names_the_local_folder_alternative(tmp_path):
 def test_folder_with_only_a_pickle_is_refused(tmp_path):
     need_assets(STORIES)
     shutil.copy(STORIES / "config.json", tmp_path)
+    shutil.copy(STORIES / "tokenizer.model", tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled, ever")
     code, err = main_in_process(["--model", str(tmp_path), "--stream"])
     assert code == 1
@@ -357,7 +359,7 @@ def test_repo_without_safetensors_suggests_a_revision(tmp_path):
     need_assets(STORIES)
 
     def download(repo_id, revision=None, allow_patterns=None):
-        assert "*.safetensors" in allow_patterns and not any(p.endswith(".bin") for p in allow_patterns)
+        assert not any(p.endswith(".bin") for p in allow_patterns)
         shutil.copy(STORIES / "config.json", tmp_path)
         shutil.copy(STORIES / "tokenizer.model", tmp_path)
         return str(tmp_path)
@@ -387,8 +389,9 @@ def test_download_gets_revision_and_only_what_minisink_reads(tmp_path):
     code, err = main_in_process(["--model", "mpt-7b-chat", "--revision", "refs/pr/3", "--stream",
                                  "--max-new-tokens", "3"], download=download)
     assert code == 0, err
-    (repo_id, revision, patterns), = calls
+    (repo_id, revision, small), (_, _, patterns) = calls  # the small files first, then with the weights
     assert (repo_id, revision) == ("mosaicml/mpt-7b-chat", "refs/pr/3")
+    assert "*.safetensors" not in small and {"config.json", "tokenizer.json", "tokenizer.model"} <= set(small)
     assert set(patterns) >= {"*.safetensors", "config.json", "tokenizer.json", "tokenizer.model"}
 
 
@@ -449,7 +452,68 @@ def test_templates_by_model_name():
     assert run.pick_template("pythia-1b", "gpt_neox") == "plain"
 
 
-def test_window_defaults_to_the_trained_context():
-    assert run.context_length({"max_position_embeddings": 4096}) == 4096
-    assert run.context_length({"max_seq_len": 2048, "model_type": "mpt"}) == 2048
-    assert run.context_length({"model_type": "falcon"}) == 2048  # says nothing: the fallback
+
+
+# ------------------------------------------------------------------------------------ fail fast
+
+def refused_folder(tmp_path, what: str) -> Path:
+    """A model folder that run.py must refuse from its small files, with 20 GB of (sparse, unreadable)
+    weights beside them: reading them would fail differently, and slowly."""
+    need_assets(STORIES)
+    config = json.loads((STORIES / "config.json").read_text())
+    shutil.copy(STORIES / "tokenizer.model", tmp_path)
+    if what == "config":
+        config["hidden_act"] = "gelu"
+    else:  # a tokenizer.json that minisink's BPE does not implement (and no tokenizer.model)
+        (tmp_path / "tokenizer.model").unlink()
+        spec = json.loads((TOKENIZERS / "gpt-neox-20b" / "tokenizer.json").read_text())
+        spec["pre_tokenizer"] = {"type": "Whitespace"}
+        (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        f.truncate(20 * 10**9)
+    return tmp_path
+
+
+@pytest.mark.parametrize("what, says", [("config", "hidden_act='gelu' is not supported"),
+                                        ("tokenizer", 'pre_tokenizer.type = "Whitespace" is not supported')])
+def test_refused_before_any_weight_is_read(tmp_path, what, says):
+    import time
+    folder = refused_folder(tmp_path, what)
+    start = time.perf_counter()
+    code, err = main_in_process(["--model", str(folder), "--stream"])
+    assert time.perf_counter() - start < 2
+    assert code == 1
+    assert_one_line_error(err, says)
+
+
+@pytest.mark.parametrize("what", ["config", "tokenizer"])
+def test_refused_before_the_weights_are_downloaded(tmp_path, what):
+    folder = refused_folder(tmp_path, what)
+    (folder / "model.safetensors").unlink()
+    calls = []
+
+    def download(repo_id, revision=None, allow_patterns=None):
+        calls.append(allow_patterns)
+        return str(folder)
+    code, err = main_in_process(["--model", "llama-3.2-1b", "--stream"], download=download)
+    assert code == 1 and "is not supported" in err
+    assert len(calls) == 1 and not any("safetensors" in p for p in calls[0])
+
+
+def test_cache_that_does_not_fit_in_memory_is_refused(tmp_path):
+    """A window of 10^11 slots (1,280 bytes each in stories260K: 5 layers x K,V x 4 heads x 8 x fp32):
+    the message gives the size; nothing is allocated or loaded."""
+    folder = refused_folder(tmp_path, "neither")
+    shutil.copy(STORIES / "tokenizer.model", folder)
+    (folder / "tokenizer.json").unlink()
+    code, err = main_in_process(["--model", str(folder), "--stream", "--window-size", str(10**11)])
+    assert code == 1
+    assert_one_line_error(err, "a cache of 100,000,000,004 slots needs 128,000.00 GB", "pass a smaller --window-size")
+
+
+def test_default_window_is_said_and_capped(tmp_path):
+    need_assets(STORIES)
+    code, err = main_in_process(["--model", str(STORIES), "--stream", "--max-new-tokens", "2"])
+    assert code == 0
+    assert "run.py: cache: 4 sinks + a window of 508 = the trained context 512; --window-size W to change" in err

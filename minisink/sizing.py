@@ -1,0 +1,97 @@
+"""How large a cache to build for a model: the default window, and whether it fits in memory.
+
+run.py and `python -m minisink.eval` both ask here, so one model gets the same cache from both.
+
+    window, notes = choose_window(config_dict, sink_size=4, window_size=None)   # W, lines to print
+    check_fits(model_cls, config, sink_size + window, dtype, device)            # before loading weights
+
+The default is the trained context minus the S sinks, with S+W capped at 4096 slots: a model
+trained on 128K tokens would otherwise get a 17 GB cache (Llama-3.1-8B in bf16) before it has read
+a word, and StreamingLLM's point is that a few thousand slots stream as well as the full context.
+"""
+import torch
+
+from .cache import SinkCache
+
+CONTEXT_KEYS = ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length", "max_sequence_length")
+DEFAULT_CONTEXT = 2048    # when config.json names no context length (Falcon's configs do not)
+MAX_DEFAULT_SLOTS = 4096  # S+W of the default cache, whatever the context
+
+
+class CacheSizeError(ValueError):
+    """A cache the model cannot use, or that would not fit in memory; the message says what to pass."""
+
+
+def trained_context(config: dict) -> int | None:
+    """The model's trained context, as config.json names it (Llama/NeoX/Falcon, MPT, GPT-2, ...)."""
+    return next((config[k] for k in CONTEXT_KEYS if isinstance(config.get(k), int)), None)
+
+
+def choose_window(config: dict, sink_size: int, window_size: int | None,
+                  sliding_window: int | None = None) -> tuple[int, list[str]]:
+    """(W, notes to print) for S = sink_size sinks and the asked window (None: the default).
+
+    `sliding_window` (Mistral's, from the parsed config): the model never attends further back, so
+    a cache wider than it would hold tokens no query sees. The default is clamped to it; a window
+    asked for explicitly is refused.
+    """
+    context = trained_context(config)
+    known = context or DEFAULT_CONTEXT
+    notes = []
+    if window_size is None:
+        slots = min(known, MAX_DEFAULT_SLOTS, sliding_window or known)
+        window_size = slots - sink_size
+        why = (f"the trained context {context}" if context else f"{DEFAULT_CONTEXT} (config.json names no context)")
+        if slots < known:
+            why += f", capped at {slots} slots" + (" (the model's sliding window)" if slots == sliding_window else "")
+        if window_size < 1:
+            raise CacheSizeError(f"--sink-size {sink_size} leaves no room for a window in a cache of {slots} slots")
+        notes.append(f"cache: {sink_size} sinks + a window of {window_size} = {why}; --window-size W to change")
+    elif sliding_window is not None and sink_size + window_size > sliding_window:
+        raise CacheSizeError(f"a cache of {sink_size}+{window_size} slots is wider than the model's sliding window "
+                             f"of {sliding_window} tokens, which it never attends past: use --window-size "
+                             f"{sliding_window - sink_size} or less")
+    if context and sink_size + window_size > context:
+        notes.append(f"warning: S+W = {sink_size + window_size} exceeds the trained context of {context}: "
+                     "positions past it were never trained, so expect the text to degrade")
+    return window_size, notes
+
+
+def cache_bytes(model_cls, config, capacity: int, dtype: torch.dtype, batch_size: int = 1) -> int:
+    """Bytes of the K and V buffers that a SinkCache of `capacity` slots allocates for this model.
+
+    Measured, not computed per architecture: one token goes through the model on the meta device
+    (shapes only, no memory, no arithmetic), and the cache allocates its buffers there."""
+    with torch.device("meta"):
+        model = model_cls(config).to(dtype)
+    cache = SinkCache(0, capacity, device="meta", dtype=dtype)
+    with torch.no_grad():
+        model(torch.zeros(batch_size, 1, dtype=torch.long, device="meta"), cache)
+    return sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`: the GPU's free memory, or the OS's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:  # Linux
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # elsewhere we cannot tell: do not refuse
+        return None
+
+
+def check_fits(model_cls, config, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, before any weight is loaded, a model + cache larger than the memory left on `device`."""
+    free = free_memory(torch.device(device))
+    if free is None:
+        return
+    with torch.device("meta"):
+        weights = sum(p.numel() for p in model_cls(config).parameters()) * dtype.itemsize
+    cache = cache_bytes(model_cls, config, capacity, dtype)
+    if weights + cache > free:
+        gb = lambda n: f"{n / 1e9:,.2f} GB"
+        raise CacheSizeError(f"a cache of {capacity:,} slots needs {gb(cache)} and the weights {gb(weights)} in "
+                             f"{str(dtype).removeprefix('torch.')}, but only {gb(free)} of {device.type} memory is "
+                             f"free: pass a smaller --window-size (or a smaller --dtype)")
