@@ -70,6 +70,6 @@ def test_check_fits_refuses_with_the_sizes(monkeypatch):
     monkeypatch.setattr(sizing, "free_memory", lambda device: 16 * 10**9)
     cls, config = build_config(real("llama-2-7b-hf"))
     check_fits(cls, config, 4096, torch.bfloat16, torch.device("cpu"))  # 13.48 + 2.15 GB: fits in 16
-    with pytest.raises(CacheSizeError, match=r"a cache of 4,096 slots needs 2.15 GB and the weights 26.95 GB in "
+    with pytest.raises(CacheSizeError, match=r"a cache of 4,096 slots needs 4.29 GB and the weights 26.95 GB in "
                                              r"float32, but only 16.00 GB of cpu memory is free"):
         check_fits(cls, config, 4096, torch.float32, torch.device("cpu"))
