@@ -89,19 +89,28 @@ def read_header(path: Path) -> list[str]:
         raise LoadError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def checkpoint_names(model):
+    """What the loader makes of a checkpoint's tensor names, for `model`: (expected, aliases, ignore).
+
+    expected: name -> parameter, one name per tensor. aliases: every parameter name -> its first name;
+    tied weights appear under two names (e.g. lm_head.weight is embed_tokens.weight): a checkpoint
+    stores the first, sometimes both, and the alias gets the same tensor. ignore: patterns of
+    buffers that old checkpoints saved and minisink recomputes (the model class lists them, with why).
+    """
+    first_name, aliases = {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases[name] = first_name.setdefault(id(p), name)
+    ignore = [re.compile(p) for p in getattr(type(model), "ignore_in_checkpoint", [])]
+    return dict(model.named_parameters()), aliases, ignore
+
+
 def load_model(folder, dtype: torch.dtype = torch.float32, device="cpu"):
     """The model in `folder`, in `dtype` on `device`, in eval mode."""
     folder = Path(folder)
     cls, config = build_config(read_config(folder), where=str(folder / "config.json"))
     with torch.device("meta"):
         model = cls(config)
-    # Tied weights appear under two names (e.g. lm_head.weight is embed_tokens.weight). The
-    # checkpoint stores the first name; the alias gets the same tensor.
-    first_name, aliases = {}, {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        aliases[name] = first_name.setdefault(id(p), name)
-    expected = dict(model.named_parameters())  # one name per tensor
-    ignore = [re.compile(p) for p in getattr(cls, "ignore_in_checkpoint", [])]
+    expected, aliases, ignore = checkpoint_names(model)
 
     files = checkpoint_files(folder)
     state = {}
