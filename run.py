@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from minisink.chat import ChatTemplateError, TemplateTurns, encode_rendered, read_chat_template
 from minisink.generate import POLICIES, Stream
 from minisink.hub import HubError, model_table, one_line, resolve
 from minisink.load import DTYPES, LoadError, build_config, load_model, read_config
@@ -74,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--prompt", default="", metavar="TEXT", help="text the stream starts from, after BOS (default: just BOS)")
     g.add_argument("--prompts", type=Path, metavar="FILE", help='chat turns from a JSONL file of {"turns": [...]} (MT-Bench style)')
     g.add_argument("--template", default="auto", choices=["auto", *TEMPLATES],
-                   help="chat prompt template (default: picked from the model's name)")
+                   help="chat prompt template (default: the checkpoint's own, else picked from the model's name)")
     g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help="stop after N tokens (default: endless with --stream, 256 per chat turn)")
     g.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 is greedy (default: 0.8)")
@@ -122,11 +123,20 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 @dataclass(frozen=True)
 class Template:
-    """How one user turn is wrapped, and where the model's answer ends."""
+    """How one user turn is wrapped, and where the model's answer ends: the fallback for checkpoints
+    that ship no chat template (minisink/chat.py renders those that do; both feed a turn the same way)."""
     turn: str                   # format string with {user}; the model's reply follows it
     separator: str = "\n"       # between the end of a reply and the next turn
     stop: tuple = ()            # the reply ends at the first of these strings (not printed)
     bos_each_turn: bool = False  # Llama-2 chat: every exchange is <s>[INST] ... [/INST] reply </s>
+
+    def turn_ids(self, tokenizer, user: str, first: bool) -> list[int]:
+        text = ("" if first else self.separator) + self.turn.format(user=user)
+        return tokenizer.encode(text, bos=self.bos_each_turn and not first)
+
+    def replied(self, reply: str, stop_text: str | None, eos_text: str | None) -> str:
+        """Text that closes the exchange, fed after the reply: Llama-2's </s> when the reply was cut off."""
+        return eos_text if self.bos_each_turn and stop_text is None and eos_text else ""
 
 
 TEMPLATES = {
@@ -141,9 +151,11 @@ TEMPLATES = {
 
 
 def pick_template(name: str, model_type: str | None) -> str:
-    """Template for a model, from its name (short name, repo id or folder) and config model_type."""
+    """Template for a model that ships none, from its name (short name, repo id or folder) and
+    config model_type. (Llama-2-chat ships one on the hub; a copy without it still gets it here.
+    Other Llama chat models, TinyLlama or longchat, were tuned on other formats: plain.)"""
     name = name.lower()
-    if "chat" in name and (model_type == "llama" or "llama" in name):
+    if "chat" in name and "llama-2" in name:
         return "llama-2-chat"
     if "chat" in name and model_type == "mpt":
         return "chatml"
@@ -358,16 +370,20 @@ class Demo:
         """Every turn is appended to the one stream; returns what was fed and said, turn by turn.
         `echo`: print each turn as "USER: ..." (not when the user has just typed it)."""
         template, eos = self.template, self.tok.eos_id
+        eos_text = self.tok.id_to_piece(eos) if eos is not None else None
         self.feed(start_ids)
         transcript = []
         for user in turns:
-            text = (template.separator if self.turns else "") + template.turn.format(user=user)
-            ids = self.tok.encode(text, bos=template.bos_each_turn and self.turns > 0)
+            ids = template.turn_ids(self.tok, user, first=self.turns == 0)
             self.turns += 1
             self.write((f"USER: {user}\n" if echo else "") + "ASSISTANT: ")
             reply = self.reply(ids)
-            if template.bos_each_turn and eos is not None and reply[-1:] != [eos]:
-                self.feed([eos])  # close the exchange as the chat format expects: ... reply </s>
+            ended = eos is not None and reply[-1:] == [eos]
+            # what the chat format puts after the reply and the model has not said: ... reply </s>
+            closing = template.replied(self.tok.decode(reply[:-1] if ended else reply), eos_text if ended else None,
+                                       eos_text)
+            if closing:
+                self.feed(encode_rendered(self.tok, closing))
             self.write("\n")
             transcript.append(dict(user=user, prompt_ids=ids, reply_ids=reply))
         return transcript
@@ -458,7 +474,11 @@ def inspect(folder: Path):
         tokenizer = load_tokenizer(folder)
     except (OSError, ValueError, RuntimeError) as e:  # missing file, unsupported or malformed tokenizer
         raise UserError(f"tokenizer: {one_line(e)}") from None
-    return config, cls, parsed, tokenizer
+    try:
+        chat_template = read_chat_template(folder)
+    except ChatTemplateError as e:
+        raise UserError(one_line(e)) from None
+    return config, cls, parsed, tokenizer, chat_template
 
 
 def load(args, download=None):
@@ -475,7 +495,7 @@ def load(args, download=None):
             raise UserError(f"the default model {folder} is missing; pass a model folder or name with --model")
     else:
         folder = resolve(args.model, args.revision, download=download, check=lambda f: small.append(inspect(f)))
-    config, cls, parsed, tokenizer = small[0] if small else inspect(folder)  # [] for a local folder
+    config, cls, parsed, tokenizer, chat_template = small[0] if small else inspect(folder)  # [] for a local folder
     try:
         window, notes = choose_window(config, args.sink_size, args.window_size, getattr(parsed, "sliding_window", None))
         if args.policy != "dense":  # dense grows without bound anyway: nothing to promise up front
@@ -485,20 +505,26 @@ def load(args, download=None):
     model = load_model(folder, dtype=dtype, device=device)
     for note in notes:
         print(f"run.py: {note}", file=sys.stderr)
-    return model, tokenizer, config, folder, window
+    return model, tokenizer, config, folder, window, chat_template
 
 
 def make_demo(args, download=None) -> tuple[Demo, list[int], list[int]]:
     """The Demo that args ask for, and (ids the stream starts with, prompt ids to echo)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer, config, folder, window = load(args, download)
+    model, tokenizer, config, folder, window, chat_template = load(args, download)
     stream = Stream(model, policy=args.policy, sink_size=args.sink_size, window_size=window, compile=args.compile)
     if args.seed is not None:
         torch.manual_seed(args.seed)  # one generator for the whole run, chat turns included
-    name = args.template if args.template != "auto" else pick_template(args.model or folder.name, config.get("model_type"))
-    demo = Demo(args, model, tokenizer, stream, TEMPLATES[name])
-    return demo, *start_ids(tokenizer, config, args.prompt)
+    first_ids, prompt_ids = start_ids(tokenizer, config, args.prompt)
+    if args.template == "auto" and chat_template is not None:
+        template = TemplateTurns(chat_template)
+        if chat_template.writes_bos() and first_ids[:1] == [tokenizer.bos_id] and not args.stream:
+            first_ids = first_ids[1:]  # the template starts the conversation with BOS itself
+    else:
+        name = args.template if args.template != "auto" else pick_template(args.model or folder.name, config.get("model_type"))
+        template = TEMPLATES[name]
+    return Demo(args, model, tokenizer, stream, template), first_ids, prompt_ids
 
 
 def run(args, download=None) -> int:
@@ -527,7 +553,7 @@ def main(argv=None, download=None) -> int:
         return 0
     try:
         return run(args, download)
-    except (UserError, HubError, LoadError) as e:
+    except (UserError, HubError, LoadError, ChatTemplateError) as e:
         print(f"run.py: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # while loading: nothing to summarise

@@ -70,6 +70,11 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as e:
             raise ChatTemplateError(f"{where}: not a valid Jinja template (line {e.lineno}: {e.message})") from None
 
+    def writes_bos(self) -> bool:
+        """Does a conversation start with the BOS text? (Llama, Mistral: then the stream must not add one.)"""
+        bos = self.special_tokens.get("bos_token")
+        return bool(bos) and self.render([{"role": "user", "content": "x"}], add_generation_prompt=True).startswith(bos)
+
     def render(self, messages: list[dict], add_generation_prompt: bool = False, **extra) -> str:
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
@@ -165,18 +170,17 @@ class TemplateTurns:
                                     "its earlier text, which a stream cannot take back: pass --template NAME")
         return self.prompt[len(self.rendered):]
 
-    def turn_ids(self, tokenizer, user: str) -> list[int]:
+    def turn_ids(self, tokenizer, user: str, first: bool = False) -> list[int]:
         return encode_rendered(tokenizer, self.turn_text(user))
 
-    def replied(self, reply: str, stop_text: str | None) -> str:
+    def replied(self, reply: str, stop_text: str | None, eos_text: str | None = None) -> str:
         """Record the model's reply; returns the text the template puts after it that was not fed
         yet. `stop_text`: the text of the stop token the reply ended with (None: it was cut off)."""
         self.messages.append({"role": "assistant", "content": reply})
         rendered = self.template.render(self.messages)
         closing = rendered[len(self.prompt):] if rendered.startswith(self.prompt) else ""
         self.rendered = rendered
-        eos = self.template.special_tokens.get("eos_token")
-        marker = stop_text or eos
+        marker = stop_text or self.template.special_tokens.get("eos_token") or eos_text
         if not marker or marker not in closing:
             return ""
         rest = closing[closing.index(marker) + len(marker):]

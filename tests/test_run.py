@@ -188,6 +188,26 @@ def test_chat_cache_persists_across_turns(tmp_path):
     assert demo.out.getvalue().count("ASSISTANT: ") == 3
 
 
+def test_chat_uses_the_checkpoints_own_template(tmp_path):
+    """A folder whose tokenizer_config.json has TinyLlama-Chat's (Zephyr) template: each turn feeds the
+    template's text for it, and a reply cut off by --max-new-tokens is closed as the template closes
+    it (EOS, then its newline) before the next turn."""
+    folder, tokenizer = tiny_folder("gpt_neox", tmp_path / "chat")
+    zephyr = json.loads((REPO / "tests" / "data" / "chat_templates.json").read_text())["templates"]
+    template = next(t["template"] for t in zephyr if t["name"] == "tinyllama-chat")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": template}))
+    args = run.parse_args(["--model", str(folder), "--max-new-tokens", "3", "--temperature", "0", "--no-status"])
+    demo, first, _ = run.make_demo(args)
+    demo.out, fed = io.StringIO(), []
+    feed = demo.feed
+    demo.feed = lambda ids: (fed.append(list(ids)), feed(ids))
+    transcript = demo.chat(first, ["Hi", "Again"])
+    assert first == [tokenizer.bos_id]  # the template writes no BOS: the stream starts with one
+    assert transcript[0]["prompt_ids"] == tokenizer.encode("<|user|>\nHi<|endoftext|>\n<|assistant|>\n")
+    assert fed[2] == tokenizer.encode("<|endoftext|>\n")  # after the 3 tokens of the first reply
+    assert transcript[1]["prompt_ids"] == tokenizer.encode("<|user|>\nAgain<|endoftext|>\n<|assistant|>\n")
+
+
 def test_chat_from_piped_stdin(monkeypatch, capsys):
     need_assets(STORIES)
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\n\nhow are you\n"))  # not a TTY: piped
@@ -450,6 +470,9 @@ def test_templates_by_model_name():
     assert run.pick_template("mpt-7b-instruct", "mpt") == "dolly"
     assert run.pick_template("falcon-40b-instruct", "falcon") == "falcon-instruct"
     assert run.pick_template("pythia-1b", "gpt_neox") == "plain"
+    # other Llama chat models were tuned on other formats (and TinyLlama ships its own template)
+    assert run.pick_template("tinyllama-1.1b-chat", "llama") == "plain"
+    assert run.pick_template("lmsys/longchat-7b-16k", "llama") == "plain"
 
 
 
