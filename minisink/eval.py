@@ -217,7 +217,7 @@ def parse_args(argv):
     bad = [x for x in args.policy if x not in POLICIES]
     if bad or not args.policy:
         raise UserError(f"unknown policy {bad[0] if bad else '(none)'!r}; choose from {', '.join(POLICIES)}")
-    if args.sink_size < 0 or (args.window_size or 1) < 1 or args.chunk_size < 1:
+    if args.sink_size < 0 or (args.window_size is not None and args.window_size < 1) or args.chunk_size < 1:
         raise UserError("need --sink-size >= 0, --window-size >= 1 and --chunk-size >= 1")
     if args.tokens < 2:
         raise UserError(f"--tokens must be at least 2 (the first token is not scored), got {args.tokens}")
