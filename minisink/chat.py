@@ -175,7 +175,8 @@ class TemplateTurns:
 
     def replied(self, reply: str, stop_text: str | None, eos_text: str | None = None) -> str:
         """Record the model's reply; returns the text the template puts after it that was not fed
-        yet. `stop_text`: the text of the stop token the reply ended with (None: it was cut off)."""
+        yet. `stop_text`: the text of the stop token the reply ended with (None: it was cut off, and
+        the template's EOS closes it; `eos_text`, the tokenizer's, when tokenizer_config names none)."""
         self.messages.append({"role": "assistant", "content": reply})
         rendered = self.template.render(self.messages)
         closing = rendered[len(self.prompt):] if rendered.startswith(self.prompt) else ""
