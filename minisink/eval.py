@@ -199,7 +199,7 @@ def int_list(text: str) -> list[int]:
 def parse_args(argv):
     p = Parser(prog="python -m minisink.eval", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True,
-                   help="Hugging Face model folder (config.json, model.safetensors, tokenizer)")
+                   help="Hugging Face model folder (config.json, model.safetensors, tokenizer), or a .gguf file")
     p.add_argument("--text", required=True, help="plain-text file, or - for stdin")
     p.add_argument("--tokens", type=int, default=4000, help="length N of the stream, BOS included (default 4000)")
     p.add_argument("--policy", default="dense,window,sink,recompute", help="comma-separated: " + ", ".join(POLICIES))
@@ -224,6 +224,9 @@ def parse_args(argv):
     for s in args.sweep_sinks or []:
         if not 0 <= s < cache_size:
             raise UserError(f"--sweep-sinks: {s} sinks leave no window in a cache of {cache_size}")
+    if args.model.lower().endswith(".gguf"):  # a llama.cpp file: converted once into the cache
+        from .gguf import cached_conversion
+        args.model = str(cached_conversion(args.model))
     return args
 
 
@@ -391,10 +394,11 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .gguf import GGUFError
     from .load import LoadError
     try:
         return run(parse_args(argv))
-    except (UserError, LoadError, OSError, UnicodeDecodeError) as e:
+    except (UserError, LoadError, GGUFError, OSError, UnicodeDecodeError) as e:
         print(f"minisink.eval: error: {e}", file=sys.stderr)
         return 1
 

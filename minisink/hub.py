@@ -3,6 +3,7 @@
     folder = resolve("pythia-70m")                  # short name -> EleutherAI/pythia-70m, downloaded
     folder = resolve("tiiuae/falcon-7b")            # any repo id
     folder = resolve("path/to/folder")              # a local folder: used as it is
+    folder = resolve("model.Q4_1.gguf")             # a llama.cpp file: converted once (minisink/gguf.py)
 
 Downloads go through huggingface_hub's `snapshot_download` into the normal HF cache
 (~/.cache/huggingface/hub, or $HF_HOME), with its progress bars, and fetch only what minisink reads:
@@ -80,6 +81,12 @@ def resolve(name: str, revision: str | None = None, download=None) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
+    if path.is_file() and path.suffix.lower() == ".gguf":  # llama.cpp's format: converted once, cached
+        from .gguf import GGUFError, cached_conversion
+        try:
+            return cached_conversion(path)
+        except GGUFError as e:
+            raise HubError(str(e)) from None
     if path.exists():
         raise HubError(f"{name} is a file: --model takes the folder that holds config.json and the weights")
     known = MODELS.get(name.lower())
