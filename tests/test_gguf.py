@@ -1,20 +1,29 @@
 """The GGUF converter (minisink/gguf.py) on the real SmolLM2-135M-Instruct GGUF, against transformers
 reading the same file, and on small GGUF files written here to exercise its refusals."""
+import os
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 
-from conftest import ASSETS, need_assets
+from conftest import ASSETS, REPO, need_assets
+from minisink.gguf import GGUFError, convert
 from minisink.load import load_model
 from minisink.smollm2 import smollm2_gguf
 from minisink.tokenizer import load_tokenizer
+
+gguf = pytest.importorskip("gguf")
 
 
 @pytest.fixture(scope="module")
 def hf_smollm2(smollm2):
     """transformers' own reading of the GGUF (dequantized by transformers, its own Q/K permutation)."""
-    gguf = smollm2_gguf()
-    return transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+    path = smollm2_gguf()
+    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                              dtype=torch.float32).eval()
 
 
@@ -36,8 +45,8 @@ def test_logits_match_transformers_reading_the_gguf(smollm2, hf_smollm2):
 @pytest.fixture(scope="module")
 def hf_gguf_tokenizer(smollm2):
     """transformers' tokenizer built from the GGUF's own metadata (vocabulary, merges, token types)."""
-    gguf = smollm2_gguf()
-    return transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).backend_tokenizer
+    path = smollm2_gguf()
+    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).backend_tokenizer
 
 
 def test_tokenizer_encodes_four_books_like_the_gguf_says(smollm2, hf_gguf_tokenizer):
@@ -84,16 +93,6 @@ def test_tokenizer_special_tokens(smollm2):
 
 # --- small GGUF files written here: what the converter refuses, and how --------------------------
 
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from conftest import REPO  # noqa: E402
-from minisink.gguf import GGUFError, convert  # noqa: E402
-
-gguf = pytest.importorskip("gguf")
 
 
 def write_tiny_gguf(path, arch="llama", pre="smollm", odd_tensor_type=None, seed=0):
@@ -146,6 +145,10 @@ def test_tiny_gguf_converts_and_matches_transformers_reading_it(tmp_path):
     ids = torch.randint(0, 260, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (load_model(folder)(ids) - hf.eval()(ids).logits).abs().max() < 1e-5
+    half = convert(path, tmp_path / "bf16", dtype="bf16")
+    assert load_model(half, dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+    with safe_open(str(half / "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.bfloat16}
     # ids: 0 <|endoftext|>, 1 + b for byte b, then 257 Ġt, 258 he, 259 Ġthe; digits split singly (smollm)
     assert load_tokenizer(folder).encode("the the 42<|endoftext|>") == [1 + ord("t"), 258, 259, 1 + ord(" "),
                                                                          1 + ord("4"), 1 + ord("2"), 0]
