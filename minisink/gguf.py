@@ -236,7 +236,7 @@ def tokenizer_json(meta: dict, path: Path) -> dict:
         "added_tokens": added,
         "normalizer": None,
         "pre_tokenizer": PRE_TOKENIZERS[pre],
-        "post_processor": {**BYTE_LEVEL, "use_regex": True},
+        "post_processor": BYTE_LEVEL,  # trims offsets only: adds no BOS (add_bos_token is false)
         "decoder": BYTE_LEVEL,
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,

@@ -37,6 +37,9 @@ MODELS = {
     **{f"falcon-{s}{kind}": KnownModel(f"tiiuae/falcon-{s}{kind}", n, 2048)
        for s, n in [("7b", 7.22e9), ("40b", 41.8e9)] for kind in ("", "-instruct")},
     **{f"mpt-7b{kind}": KnownModel(f"mosaicml/mpt-7b{kind}", 6.65e9, 2048) for kind in ("", "-chat", "-instruct")},
+    # SmolLM2: small Llamas that have an attention sink (docs/results/smollm2.md); -instruct chats in ChatML
+    **{f"smollm2-{s}{kind}": KnownModel(f"HuggingFaceTB/SmolLM2-{s.upper()}{kind.title()}", n, 8192)
+       for s, n in [("135m", 135e6), ("360m", 362e6), ("1.7b", 1.71e9)] for kind in ("", "-instruct")},
 }
 
 # What snapshot_download fetches. Tokenizer side files carry the BOS/EOS names (minisink/tokenizer.py).

