@@ -26,7 +26,8 @@ from . import eval as ev
 from .attention import attention_probs
 from .cache import DenseCache, SinkCache
 
-REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "reference" / "attention_sinks"
+# the offline assets beside the checkout (../shared/assets), as the tests and tutorials find them
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "assets" / "reference" / "attention_sinks"
 REFERENCE_MODELS = {"llama_2_7b": "Llama-2-7B", "mpt_7b": "MPT-7B", "falcon_7b": "Falcon-7B",
                     "pythia_6.9b": "Pythia-6.9B", "mistral_7b": "Mistral-7B"}
 REFERENCE_FILES = {"dense": "transformers.csv", "window": "windowed.csv", "sink": "attention_sinks.csv"}
