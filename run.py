@@ -163,6 +163,8 @@ def pick_template(name: str, model_type: str | None) -> str:
         return "dolly"
     if "instruct" in name and "falcon" in name:
         return "falcon-instruct"
+    if "instruct" in name and "smollm" in name:
+        return "chatml"
     return "plain"
 
 

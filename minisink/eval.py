@@ -199,7 +199,7 @@ def int_list(text: str) -> list[int]:
 def parse_args(argv):
     p = Parser(prog="python -m minisink.eval", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True,
-                   help="Hugging Face model folder (config.json, model.safetensors, tokenizer)")
+                   help="Hugging Face model folder (config.json, model.safetensors, tokenizer), or a .gguf file")
     p.add_argument("--text", required=True, help="plain-text file, or - for stdin")
     p.add_argument("--tokens", type=int, default=4000, help="length N of the stream, BOS included (default 4000)")
     p.add_argument("--policy", default="dense,window,sink,recompute", help="comma-separated: " + ", ".join(POLICIES))
@@ -221,6 +221,9 @@ def parse_args(argv):
         raise UserError("need --sink-size >= 0, --window-size >= 1 and --chunk-size >= 1")
     if args.tokens < 2:
         raise UserError(f"--tokens must be at least 2 (the first token is not scored), got {args.tokens}")
+    if args.model.lower().endswith(".gguf"):  # a llama.cpp file: converted once into the cache
+        from .gguf import cached_conversion
+        args.model = str(cached_conversion(args.model))
     return args
 
 
@@ -408,10 +411,11 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .gguf import GGUFError
     from .load import LoadError
     try:
         return run(parse_args(argv))
-    except (UserError, LoadError, OSError, UnicodeDecodeError) as e:
+    except (UserError, LoadError, GGUFError, OSError, UnicodeDecodeError) as e:
         print(f"minisink.eval: error: {e}", file=sys.stderr)
         return 1
 

@@ -3,6 +3,7 @@
     folder = resolve("pythia-70m")                  # short name -> EleutherAI/pythia-70m, downloaded
     folder = resolve("tiiuae/falcon-7b")            # any repo id
     folder = resolve("path/to/folder")              # a local folder: used as it is
+    folder = resolve("model.Q4_1.gguf")             # a llama.cpp file: converted once (minisink/gguf.py)
 
 Downloads go through huggingface_hub's `snapshot_download` into the normal HF cache
 (~/.cache/huggingface/hub, or $HF_HOME), with its progress bars, and fetch only what minisink reads:
@@ -46,6 +47,9 @@ MODELS = {
     **{f"llama-3.2-{s}{k}": KnownModel(f"meta-llama/Llama-3.2-{s.upper()}{K}", n, 131072, gated=True)
        for s, n in [("1b", 1.24e9), ("3b", 3.21e9)] for k, K in INSTRUCT},
     "tinyllama-1.1b-chat": KnownModel("TinyLlama/TinyLlama-1.1B-Chat-v1.0", 1.10e9, 2048),
+    # SmolLM2: small Llamas that have an attention sink (docs/results/smollm2.md); -instruct chats in ChatML
+    **{f"smollm2-{s}{kind}": KnownModel(f"HuggingFaceTB/SmolLM2-{s.upper()}{kind.title()}", n, 8192)
+       for s, n in [("135m", 135e6), ("360m", 362e6), ("1.7b", 1.71e9)] for kind in ("", "-instruct")},
 }
 
 # What snapshot_download fetches, in two steps: the small files first, so that an unsupported config or
@@ -95,6 +99,12 @@ def resolve(name: str, revision: str | None = None, download=None, check=None) -
     path = Path(name).expanduser()
     if path.is_dir():
         return path
+    if path.is_file() and path.suffix.lower() == ".gguf":  # llama.cpp's format: converted once, cached
+        from .gguf import GGUFError, cached_conversion
+        try:
+            return cached_conversion(path)
+        except GGUFError as e:
+            raise HubError(str(e)) from None
     if path.exists():
         raise HubError(f"{name} is a file: --model takes the folder that holds config.json and the weights")
     known = MODELS.get(name.lower())

@@ -1,9 +1,12 @@
 """Every tutorial runs, through the same runner as `python tutorials/run.py`, on a CPU.
 
-Tutorials that read the offline assets skip, with the reason, when ../shared/assets is absent. The
-runner also enforces the tutorials' rules (no-ci blocks have a twin, figures are drawn by the
-tutorial's own code, "What to read next" names things that exist); the last tests check that it
-does, on small markdown files written here.
+Tutorials that read the offline assets skip, with the reason, when ../shared/assets is absent (and
+those that need SmolLM2-135M when it cannot be fetched). The runner also enforces the tutorials'
+rules (no-ci blocks have a twin, figures are drawn by the tutorial's own code, "What to read next"
+names things that exist, and every number a `<!-- from the run -->` paragraph quotes is one the run
+printed, within one unit of the quoted number's last digit); the last tests check that it does, on
+small markdown files written here. Figures go to a temporary folder: running the tests never
+rewrites the committed PNGs (`python tutorials/run.py --write-figures` does, and only it).
 """
 import importlib.util
 import os
@@ -89,3 +92,22 @@ def test_figures_must_be_drawn_by_the_tutorial(tmp_path):
     path = write(tmp_path, "```python\nx = 1\n```\n![a figure](old.png)\n" + NEXT)
     with pytest.raises(runner.TutorialError, match="old.png"):
         runner.run_tutorial(path, quiet=True)
+
+
+def test_figures_go_to_the_folder_asked_for_never_beside_the_markdown(tmp_path):
+    path = write(tmp_path, "```python\nimport matplotlib.pyplot as plt\nfig = plt.figure()\n"
+                           "fig.savefig('drawn.png')\n```\n![a figure](drawn.png)\n" + NEXT)
+    runner.run_tutorial(path, quiet=True)                          # default: a temporary folder
+    assert not (tmp_path / "drawn.png").exists()
+    runner.run_tutorial(path, quiet=True, figures_dir=tmp_path / "figures")
+    assert (tmp_path / "figures" / "drawn.png").is_file() and not (tmp_path / "drawn.png").exists()
+
+
+def test_quoted_numbers_must_be_printed_by_the_run(tmp_path):
+    code = "```python\nprint('window 192.24, sink 78.0 and 12.4 %')\n```\n"
+    ok = "<!-- from the run -->\nWindow 192.2, sink 78 (not checked: no decimals) and 12%.\n\nLater 3.14 is free.\n"
+    runner.run_tutorial(write(tmp_path, code + ok + NEXT), quiet=True)
+    for wrong in ("192.4", "78.2", "13.5"):
+        path = write(tmp_path, code + f"<!-- from the run -->\nWindow {wrong}, quoted wrongly.\n" + NEXT)
+        with pytest.raises(runner.TutorialError, match=wrong.replace(".", r"\.")):
+            runner.run_tutorial(path, quiet=True)

@@ -1,0 +1,213 @@
+"""The GGUF converter (minisink/gguf.py) on the real SmolLM2-135M-Instruct GGUF, against transformers
+reading the same file, and on small GGUF files written here to exercise its refusals."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from conftest import ASSETS, REPO, need_assets
+from minisink.gguf import GGUFError, convert
+from minisink.load import load_model
+from minisink.smollm2 import smollm2_gguf
+from minisink.tokenizer import load_tokenizer
+
+gguf = pytest.importorskip("gguf")
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2(smollm2):
+    """transformers' own reading of the GGUF (dequantized by transformers, its own Q/K permutation)."""
+    path = smollm2_gguf()
+    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                             dtype=torch.float32).eval()
+
+
+def test_logits_match_transformers_reading_the_gguf(smollm2, hf_smollm2):
+    need_assets()
+    text = (ASSETS / "text" / "moby_dick.txt").read_text(encoding="utf-8")[20_000:21_000]
+    ids = torch.tensor([load_tokenizer(smollm2).encode(text)[:64]])
+    assert ids.shape == (1, 64)
+    ours = load_model(smollm2)
+    with torch.no_grad():
+        want = hf_smollm2(ids).logits
+        got = ours(ids)
+    assert want.abs().max() > 10  # real logits, not a degenerate model
+    assert (got - want).abs().max() < 1e-4
+
+
+# --- the tokenizer ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_gguf_tokenizer(smollm2):
+    """transformers' tokenizer built from the GGUF's own metadata (vocabulary, merges, token types)."""
+    path = smollm2_gguf()
+    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).backend_tokenizer
+
+
+def test_tokenizer_encodes_four_books_like_the_gguf_says(smollm2, hf_gguf_tokenizer):
+    """All four books in ../shared/assets/text, encoded by minisink's hand-written BPE from the
+    converted tokenizer.json, equal transformers' GGUF tokenizer with the pre-tokenizer that the file
+    names (tokenizer.ggml.pre = "smollm": llama.cpp splits every digit off first, then GPT-2's regex,
+    as SmolLM2's own tokenizer.json does with Digits + ByteLevel); and they decode back losslessly.
+
+    transformers (5.23) has no entry for "smollm" and keeps plain GPT-2 splitting, which differs in
+    one case: a run of 2+ whitespace characters before a digit. Moby Dick has such runs (11 tokens
+    fewer in minisink, e.g. "\\n  1668" is ĊĠĠ 1 6 6 8, not ĊĠ Ġ 1 6 6 8); on texts without them
+    transformers as it is must agree too.
+    """
+    import copy
+    import re
+
+    from tokenizers import pre_tokenizers
+    need_assets()
+    smollm = copy.deepcopy(hf_gguf_tokenizer)
+    smollm.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    ours = load_tokenizer(smollm2)
+    books = sorted((ASSETS / "text").glob("*.txt"))
+    assert len(books) == 4
+    for book in books:
+        text = book.read_text(encoding="utf-8")
+        ids = ours.encode(text)
+        assert ids == smollm.encode(text, add_special_tokens=False).ids, book.name
+        if not re.search(r"\s\s(?=\d)", text):
+            assert ids == hf_gguf_tokenizer.encode(text, add_special_tokens=False).ids, book.name
+        decoder = ours.stream_decoder()
+        assert "".join(decoder.push(i) for i in ids) + decoder.flush() == text, book.name
+
+
+def test_tokenizer_special_tokens(smollm2):
+    ours = load_tokenizer(smollm2)
+    assert (ours.bos_id, ours.eos_id) == (1, 2)
+    assert ours.id_to_piece(1) == "<|im_start|>" and ours.id_to_piece(2) == "<|im_end|>"
+    ids = ours.encode("<|im_start|>user\nHi<|im_end|>")
+    assert (ids[0], ids[-1], len(ids)) == (1, 2, 5)  # whole tokens, not spelled out: <|im_start|> user Ċ Hi <|im_end|>
+    assert ours.decode(ours.encode("<|im_start|>user\nHi 2024!<|im_end|>")) == "user\nHi 2024!"
+
+
+# --- small GGUF files written here: what the converter refuses, and how --------------------------
+
+
+
+def write_tiny_gguf(path, arch="llama", pre="smollm", odd_tensor_type=None, seed=0):
+    """A real GGUF of a random 1-layer Llama (hidden 8, 2 heads, 1 kv head) with a byte-level
+    vocabulary, written by the gguf package as llama.cpp's converter writes one."""
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_rope_dimension_count(4)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    from minisink.tokenizer import bytes_to_unicode
+    tokens = ["<|endoftext|>", *bytes_to_unicode().values(), "Ġt", "he", "Ġthe"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([3] + [1] * (len(tokens) - 1))
+    w.add_token_merges(["Ġ t", "h e", "Ġt he"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    V = len(tokens)
+    shapes = {"token_embd.weight": (V, 8), "blk.0.attn_norm.weight": (8,), "blk.0.attn_q.weight": (8, 8),
+              "blk.0.attn_k.weight": (4, 8), "blk.0.attn_v.weight": (4, 8), "blk.0.attn_output.weight": (8, 8),
+              "blk.0.ffn_norm.weight": (8,), "blk.0.ffn_gate.weight": (16, 8), "blk.0.ffn_up.weight": (16, 8),
+              "blk.0.ffn_down.weight": (8, 16), "output_norm.weight": (8,)}
+    for name, shape in shapes.items():
+        w.add_tensor(name, (1 + 0.1 * rng.standard_normal(shape) if "norm" in name
+                            else 0.5 * rng.standard_normal(shape)).astype(np.float32))
+    if odd_tensor_type is not None:  # raw bytes of a quant type, for the output head
+        qtype = gguf.GGMLQuantizationType[odd_tensor_type]
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        w.add_tensor("output.weight", np.zeros((V, 64 // block * size), dtype=np.uint8), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_tiny_gguf_converts_and_matches_transformers_reading_it(tmp_path):
+    """Random weights make the Q/K row permutation matter: a wrong un-permutation changes logits."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    folder = convert(path, tmp_path / "out")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32)
+    ids = torch.randint(0, 260, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (load_model(folder)(ids) - hf.eval()(ids).logits).abs().max() < 1e-5
+    half = convert(path, tmp_path / "bf16", dtype="bf16")
+    assert load_model(half, dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+    with safe_open(str(half / "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.bfloat16}
+    # ids: 0 <|endoftext|>, 1 + b for byte b, then 257 Ġt, 258 he, 259 Ġthe; digits split singly (smollm)
+    assert load_tokenizer(folder).encode("the the 42<|endoftext|>") == [1 + ord("t"), 258, 259, 1 + ord(" "),
+                                                                         1 + ord("4"), 1 + ord("2"), 0]
+
+
+def cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "minisink.gguf", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_refused(result, *phrases):
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    line, = result.stderr.strip().split("\n")
+    assert line.startswith("minisink.gguf: error: "), line
+    for phrase in phrases:
+        assert phrase in line, (phrase, line)
+
+
+def test_not_a_gguf_file(tmp_path):
+    (tmp_path / "x.gguf").write_text("hello, I am text")
+    assert_refused(cli(tmp_path / "x.gguf", tmp_path / "out"), "not a GGUF file")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keep", [0.02, 0.9])  # inside the metadata, inside the tensor data
+def test_truncated_gguf(tmp_path, keep):
+    data = write_tiny_gguf(tmp_path / "whole.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:int(len(data) * keep)])
+    assert_refused(cli(tmp_path / "cut.gguf", tmp_path / "out"), "cut.gguf", "truncated")
+    assert list(tmp_path.iterdir()) != [] and not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_pre_tokenizer_and_quant_type_are_named(tmp_path):
+    assert_refused(cli(write_tiny_gguf(tmp_path / "a.gguf", arch="gpt2"), tmp_path / "out"),
+                   "architecture 'gpt2' is not supported")
+    assert_refused(cli(write_tiny_gguf(tmp_path / "p.gguf", pre="qwen2"), tmp_path / "out"),
+                   "pre-tokenizer 'qwen2'", "not supported")
+    assert_refused(cli(write_tiny_gguf(tmp_path / "q.gguf", odd_tensor_type="Q8_1"), tmp_path / "out"),
+                   "output.weight", "Q8_1", "cannot dequantize")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "p.gguf", "q.gguf"]  # nothing half-written
+
+
+def test_missing_gguf_package_is_one_line(tmp_path):
+    path = write_tiny_gguf(tmp_path / "t.gguf")
+    code = ("import sys; sys.modules['gguf'] = None  # as if not installed\n"
+            f"from minisink.gguf import main; sys.exit(main([{str(path)!r}, {str(tmp_path / 'out')!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert_refused(result, "needs the gguf package: pip install gguf")
+
+
+def test_output_folder_not_writable(tmp_path):
+    path = write_tiny_gguf(tmp_path / "t.gguf")
+    (tmp_path / "file").write_text("")
+    assert_refused(cli(path, tmp_path / "file" / "out"), "cannot write", "not writable")  # parent is a file
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o555)
+        assert_refused(cli(path, tmp_path / "ro" / "out"), "cannot write", "not writable")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(GGUFError, match="already exists and is not an empty folder"):
+        convert(path, tmp_path / "full")
