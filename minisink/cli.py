@@ -80,11 +80,12 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def main(prog: str, run, argv=None, errors: tuple = ()) -> int:
+def main(prog: str, run, argv=None, errors: tuple = (), error_code: int = 1) -> int:
     """run(argv) -> exit code, with every user-facing failure as one line on stderr.
 
     `errors`: the caller's own exception classes that are the user's to fix (exit 1), beside the
-    library's. OSError and UnicodeError are files the user named: unreadable, unwritable, not text."""
+    library's. OSError and UnicodeError are files the user named: unreadable, unwritable, not text.
+    `error_code`: 1, or 2 where exit 1 already means something else (a failed golden check)."""
     from .hub import HubError, one_line
     from .load import LoadError
     raise_on_interrupt()  # imports are done: from here on, Ctrl-C unwinds and files are closed
@@ -95,7 +96,7 @@ def main(prog: str, run, argv=None, errors: tuple = ()) -> int:
         return 0
     except (UserError, LoadError, HubError, OSError, UnicodeError, *errors) as e:
         sys.stderr.write(f"{prog}: error: {one_line(e)}\n")
-        return 1
+        return error_code
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")
         return 130
@@ -163,15 +164,18 @@ def device(text: str) -> str:
     return text
 
 
+# The two below are type= functions too, but a path that does not work is a problem with a file,
+# not with the command line's grammar: they raise UserError (exit 1), which argparse lets through.
+
 def readable_file(text: str) -> Path:
     """A file that exists and can be read."""
     path = Path(text).expanduser()
     if not path.exists():
-        raise argparse.ArgumentTypeError(f"{text}: no such file")
+        raise UserError(f"{text}: no such file")
     if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text}: not a file")
+        raise UserError(f"{text}: not a file")
     if not os.access(path, os.R_OK):
-        raise argparse.ArgumentTypeError(f"{text}: not readable (permission denied)")
+        raise UserError(f"{text}: not readable (permission denied)")
     return path
 
 
@@ -183,11 +187,11 @@ def writable_folder(text: str) -> Path:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if existing == path and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: exists and is not a folder")
+        raise UserError(f"{text}: exists and is not a folder")
     if not existing.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: cannot be created, {existing} is not a folder")
+        raise UserError(f"{text}: cannot be created, {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"{text}: cannot write in {existing} (permission denied)")
+        raise UserError(f"{text}: cannot write in {existing} (permission denied)")
     return path
 
 
@@ -216,8 +220,11 @@ def decode_utf8(data: bytes, where: str) -> str:
 
 
 def bad_byte(data: bytes, e: UnicodeDecodeError) -> str:
-    line = data.count(b"\n", 0, e.start) + 1
-    return f"byte 0x{data[e.start]:02x} at offset {e.start} (line {line})"
+    """Where decoding `data` failed: the byte, its offset, and its line if `data` has several."""
+    where, newline = f"byte 0x{data[e.start]:02x} at offset {e.start}", b"\n"
+    if data.count(newline, 0, len(data) - 1):
+        where += f" (line {data.count(newline, 0, e.start) + 1})"
+    return where
 
 
 def read_text(path, where: str | None = None) -> str:

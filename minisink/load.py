@@ -36,9 +36,12 @@ def read_config(folder) -> dict:
     if not path.is_file():
         raise LoadError(f"{folder}: no config.json (expected a Hugging Face model folder)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoadError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LoadError(f"{path}: expected a JSON object of settings, found a JSON {type(config).__name__}")
+    return config
 
 
 def build_config(d: dict, where="config.json"):
@@ -113,6 +116,9 @@ def load_model(folder, dtype: torch.dtype = torch.float32, device="cpu"):
                         raise LoadError(f"{path}: unexpected tensor {name} (not a parameter of "
                                         f"{cls.__name__} with this config.json)")
                     tensor = f.get_tensor(name)
+                    if not tensor.is_floating_point():  # .to(dtype) below would turn ints into weights silently
+                        raise LoadError(f"{path}: tensor {name} is {str(tensor.dtype).removeprefix('torch.')}; "
+                                        "minisink loads floating-point weights (fp32, fp16, bf16)")
                     want = tuple(expected[name].shape)
                     if tuple(tensor.shape) != want:
                         raise LoadError(f"{path}: expected tensor {name} of shape {want}, found {tuple(tensor.shape)}")

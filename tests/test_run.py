@@ -73,7 +73,7 @@ def test_stream_greedy_reproduces_llama2c_golden_text():
     summary = summary_of(result.stderr)
     assert "200 tokens generated; time to first token" in summary and "(1 prompt token)" in summary
     assert "tok/s" in summary and "ms/token" in summary
-    assert "GB/s of weights read" in summary and "cache 200/512 slots (sink, S=4 W=508)" in summary
+    assert "GB/s of weights read" in summary and "cache 200/512 slots, 0 evicted (sink, S=4 W=508)" in summary
 
 
 def test_fresh_clone_streams_english_offline_with_the_default_model(tmp_path):
@@ -136,7 +136,8 @@ def test_stream_tiny_random_checkpoint(arch, tmp_path):
     new = [int(t) for t in stream.generate(torch.tensor([[tokenizer.bos_id] + prompt]), max_new_tokens=40)]
     assert result.stdout == tokenizer.decode(prompt + new) + "\n"
     assert result.stdout.startswith("Hello, world")
-    assert "cache 32/32 slots (sink, S=4 W=28)" in summary_of(result.stderr)  # over 32 tokens: evicting
+    # over 32 tokens: evicting. Fed: BOS, the prompt and 39 of the 40 new tokens (the last is never fed)
+    assert f"cache 32/32 slots, {1 + len(prompt) + 39 - 32} evicted (sink, S=4 W=28)" in summary_of(result.stderr)
 
 
 # -------------------------------------------------------------------------------------------- chat
@@ -189,7 +190,8 @@ def test_chat_cache_persists_across_turns(tmp_path):
 
 def test_chat_from_piped_stdin(monkeypatch, capsys):
     need_assets(STORIES)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\n\nhow are you\n"))  # not a TTY: piped
+    piped = io.TextIOWrapper(io.BytesIO(b"hello there\n\nhow are you\n"), encoding="utf-8")  # not a TTY
+    monkeypatch.setattr(sys, "stdin", piped)
     assert run.main(["--model", str(STORIES), "--max-new-tokens", "5", "--seed", "1"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("USER: hello there\nASSISTANT: ") and "\nUSER: how are you\nASSISTANT: " in out
@@ -230,7 +232,7 @@ def test_ctrl_c_ends_an_endless_stream_with_a_summary_and_status_line():
     os.close(master)
     err = err.decode()
     assert proc.returncode == 0 and "Traceback" not in err, err
-    assert re.search(r"\[[\d,]+ tokens \| cache \d+/12 slots \| [\d.,]+ tok/s \| RSS [\d,]+ MB\]", err), err
+    assert re.search(r"\[[\d,]+ tokens \| cache \d+/12 slots, [\d,]+ evicted \| [\d.,]+ tok/s \| RSS [\d,]+ MB\]", err), err
     summary = err.rsplit("\x1b[2K", 1)[-1].strip()  # after the status line is cleared
     assert summary.startswith("run.py: interrupted: ") and "cache 12/12 slots" in summary, summary
 

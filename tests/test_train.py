@@ -72,10 +72,24 @@ def test_sink_token_option_is_recorded_and_used(text, tmp_path):
     assert "minisink_sink_token_id" not in json.loads((vanilla / "config.json").read_text())
 
 
-def test_command_line_flags_follow_the_recipe():
-    recipe, args = train.parse_args(["--text", "t.txt", "--out", "o", "--sink-token", "--steps", "7", "--lr", "0.01"])
-    assert (recipe.sink_token, recipe.steps, recipe.lr, args.out) == (True, 7, 0.01, "o")
-    assert train.parse_args(["--text", "t", "--out", "o"])[0] == train.Recipe()
+def test_command_line_flags_follow_the_recipe(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("One.\n\nTwo.\n")
+    recipe, args = train.parse_args(["--text", str(text), "--out", str(tmp_path / "o"), "--sink-token", "--steps", "7",
+                                     "--lr", "0.01"])
+    assert (recipe.sink_token, recipe.steps, recipe.lr, args.out) == (True, 7, 0.01, tmp_path / "o")
+    assert train.parse_args(["--text", str(text), "--out", str(tmp_path / "o")])[0] == train.Recipe()
+    assert not (tmp_path / "o").exists()  # parsing checks where it will write, and writes nothing
+
+
+def test_bos_samples_start_with_bos_at_a_paragraph_start():
+    nl = 0
+    data = torch.tensor([5, 6, nl, 7, 8, 9, nl, 10, 11, nl, 12, 13, 14, 15, nl])
+    starts = train.paragraph_starts(data, nl, context=3)
+    assert starts.tolist() == [0, 3, 7, 10]   # after every newline, where 3 targets still fit
+    x, y = train.get_batch(data, 64, 3, torch.Generator().manual_seed(0), 1, starts)
+    assert (x[:, 0] == 1).all() and torch.equal(x[:, 1:], y[:, :-1])
+    assert all(int(t) in (5, 7, 10, 12) for t in y[:, 0])  # BOS predicts a paragraph's first token
 
 
 def test_default_model_is_small_and_matches_transformers():
