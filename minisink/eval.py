@@ -229,7 +229,7 @@ def parse_args(argv):
     if args.dtype not in DTYPES:
         p.error(f"--dtype {args.dtype!r}: choose one of {', '.join(DTYPES)}")
     if DTYPES[args.dtype] == torch.float16 and torch.device(args.device).type == "cpu":
-        p.error("--dtype fp16 is refused on CPU (most CPUs emulate fp16, slowly): use fp32, or bf16 to halve memory")
+        raise UserError("--dtype fp16 is refused on CPU (most CPUs emulate fp16, slowly): use fp32, or bf16 to halve memory")
     return args
 
 

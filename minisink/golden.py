@@ -557,7 +557,7 @@ def _ids_from(args, config) -> tuple[list[int], list[int]]:
     if args.text:
         from .tokenizer import load_tokenizer
         tok = load_tokenizer(args.model)
-        ids = tok.encode(Path(args.text).read_text(encoding="utf-8")[: 20 * need], bos=tok.bos_id is not None)
+        ids = tok.encode(cli.read_text(args.text)[: 20 * need], bos=tok.bos_id is not None)
         if len(ids) < need:
             raise GoldenError(f"{args.text}: {len(ids)} tokens, need {need}")
     else:

@@ -108,7 +108,7 @@ def train_tokenizer(paragraphs: list[str], vocab_size: int) -> bytes:
     """A serialized SentencePiece model. Settings follow Llama's tokenizer; determinism needs one
     thread and the sentences in order, all of them (no sampling, no shuffling)."""
     model = io.BytesIO()
-    with open(os.devnull, "w") as quiet, spm_errors():
+    with open(os.devnull, "w") as quiet, spm_errors(vocab_size):
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(paragraphs), model_writer=model, logstream=quiet,
             model_type="bpe", vocab_size=vocab_size, byte_fallback=True, character_coverage=0.9995,
@@ -125,13 +125,16 @@ class spm_errors:
     """SentencePiece's trainer reports a vocabulary that does not fit the text as a RuntimeError with
     its C++ source line: keep the sentence that says what to change, as a UserError."""
 
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
     def __enter__(self):
         return self
 
     def __exit__(self, kind, e, tb):
         if kind is RuntimeError:
             why = str(e).split("] ", 1)[-1]
-            raise cli.UserError(f"the tokenizer cannot be trained with --vocab-size on this text: {why}") from None
+            raise cli.UserError(f"--vocab-size {self.vocab_size} does not fit this text: {why}") from None
 
 
 def newline_id(sp: spm.SentencePieceProcessor) -> int:
