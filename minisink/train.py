@@ -380,6 +380,9 @@ def write_readme(r: Recipe, log: dict, text_path, out: Path, command: str) -> No
             "Trained without a sink token (vanilla): samples are random crops of the token stream.")
     bos = ("BOS occurs only at\nposition 0 of every sample; EOS never occurs." if r.bos else
            "BOS\nand EOS never occur in it.")
+    crops = (", each BOS then the text from the first paragraph start at or after every\n"
+             f"{r.context}th token, as training samples are (so not comparable with a model trained without --bos)"
+             if r.bos else "")
     from_bos = ("" if log.get("from_bos") is None else
                 f"\n60 tokens after BOS alone (what `python run.py --stream --temperature 0` prints):\n\n"
                 f"```\n{log['from_bos']}\n```\n")
@@ -401,7 +404,7 @@ Weights: `model.safetensors`, {r.save_dtype}, {size / 1e6:.2f} MB, sha256 `{log[
 {command}
 ```
 
-Seed {r.seed}, {r.threads} torch threads, torch {torch.__version__}, {platform.machine()} CPU
+Seed {r.seed}, {r.threads} torch thread{"s" if r.threads != 1 else ""}, torch {torch.__version__}, {platform.machine()} CPU
 (`{torch.backends.cpu.get_cpu_capability()}` kernels). Time: {log['seconds'] / 60:.1f} minutes wall-clock,
 {log['cpu_seconds'] / 60:.1f} CPU-minutes, tokenizer and evaluation included (wall-clock time depends on what
 else the machine is running). The same command, with the same text, thread count and torch build, gives a
@@ -415,7 +418,7 @@ round differently.
 ## Held-out loss
 
 Mean next-token cross-entropy (nats) on {r.eval_crops} non-overlapping held-out crops of {r.context}
-tokens; the last row is the saved ({r.save_dtype}) weights.
+tokens{crops}; the last row is the saved ({r.save_dtype}) weights.
 
 | step | val loss | val perplexity |
 |---|---|---|

@@ -103,3 +103,23 @@ def test_default_model_is_small_and_matches_transformers():
     ids = torch.tensor([sp.encode("Once upon a time, there was a little girl named Lily. She loved to play")])
     with torch.no_grad():
         assert torch.allclose(ours(ids), theirs(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_default_model_starts_its_stream_with_a_sentence(seed):
+    """`python run.py --stream --seed N` (BOS alone, run.py's sampling): the first 20 tokens start a
+    sentence. Concretely: the first token begins a word (its piece starts with "▁": no fragment of a
+    word before it), the text starts with a capital letter or a quote, and it has at least 3 words.
+    The model before the --bos retraining started mid-word, e.g. "ing to the park"."""
+    import sys
+    sys.path.insert(0, str(REPO))
+    import run
+    args = run.parse_args(["--stream", "--max-new-tokens", "20", "--seed", str(seed), "--no-status"])
+    demo, first_ids, _ = run.make_demo(args)
+    assert first_ids == [demo.tok.bos_id]
+    tokens = [int(t) for t in demo.stream.generate(torch.tensor([first_ids]), max_new_tokens=20, **demo.sample)]
+    sp = spm.SentencePieceProcessor(model_file=str(DEFAULT_MODEL / "tokenizer.model"))
+    text = sp.decode(tokens)
+    assert sp.id_to_piece(tokens[0]).startswith("\u2581"), (sp.id_to_piece(tokens[0]), text)
+    assert text[0].isupper() or text[0] in "\"'", text
+    assert len(text.split()) >= 3, text
