@@ -90,11 +90,24 @@ def read_header(path: Path) -> list[str]:
         raise LoadError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+class SkipRandomInit(torch.overrides.TorchFunctionMode):
+    """Modules draw random initial weights in their constructors. On the meta device that is wasted
+    work, and its meta kernel imports torch._dynamo, 2 s of a 5 s start on a busy CPU: skip it. Every
+    parameter is replaced by the checkpoint's tensor anyway."""
+    INITS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_", "xavier_normal_")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in self.INITS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def load_model(folder, dtype: torch.dtype = torch.float32, device="cpu"):
     """The model in `folder`, in `dtype` on `device`, in eval mode."""
     folder = Path(folder)
     cls, config = build_config(read_config(folder), where=str(folder / "config.json"))
-    with torch.device("meta"):
+    with torch.device("meta"), SkipRandomInit():
         model = cls(config)
     # Tied weights appear under two names (e.g. lm_head.weight is embed_tokens.weight). The
     # checkpoint stores the first name; the alias gets the same tensor.

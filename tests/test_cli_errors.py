@@ -252,3 +252,17 @@ def test_ctrl_c_while_torch_imports_exits_130(program, args):
     finally:
         proc.kill()
     assert proc.returncode == 130 and err.decode() == f"{PROG[program]}: interrupted\n", err
+
+
+def test_the_default_model_starts_without_torch_compile_and_without_warnings():
+    """Nothing slow by accident: a stream on the default model never imports torch._dynamo (2 s of
+    `import` on a busy CPU, 40% of the first README command's start), picks one thread for it, and
+    prints nothing on stderr but the summary (no NumPy warning from torch)."""
+    probe = ("import sys, runpy; sys.argv = ['run.py', '--stream', '--max-new-tokens', '5', '--seed', '0']\n"
+             "try:\n    runpy.run_path('run.py', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+             "import torch\nprint(code, 'torch._dynamo' in sys.modules, torch.get_num_threads())")
+    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.stdout.splitlines()[-1] == "0 False 1", result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("run.py: 5 tokens generated"), result.stderr
