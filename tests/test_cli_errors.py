@@ -266,3 +266,17 @@ def test_the_default_model_starts_without_torch_compile_and_without_warnings():
     assert result.stdout.splitlines()[-1] == "0 False 1", result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("run.py: 5 tokens generated"), result.stderr
+
+
+@pytest.mark.parametrize("cmd", [
+    ["run.py", "--list-models"],
+    ["run.py", "--stream", "--max-new-tokens", "5", "--seed", "0"],
+    ["-m", "minisink.golden", "check", "tests/golden"],
+    ["-m", "minisink.golden", "regenerate"],           # a report: writes only with --write
+    ["tests/golden/make_fixtures.py"],                 # makes in a temporary folder, compares
+])
+def test_documented_commands_that_do_not_write_leave_the_checkout_as_it_was(cmd):
+    before = snapshot(REPO)
+    result = subprocess.run([sys.executable, *cmd], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert snapshot(REPO) == before, sorted(set(snapshot(REPO).items()) ^ set(before.items()))

@@ -198,6 +198,48 @@ def test_chat_from_piped_stdin(monkeypatch, capsys):
     assert "2 turns" in summary_of(err)
 
 
+def test_one_piped_turn_is_one_turn(monkeypatch, capsys):
+    need_assets(STORIES)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"hello\n")))
+    assert run.main(["--model", str(STORIES), "--max-new-tokens", "3", "--seed", "1"]) == 0
+    assert summary_of(capsys.readouterr().err).startswith("run.py: 1 turn, 3 tokens generated")
+
+
+def test_typed_chat_banner_empty_line_and_bad_utf8(monkeypatch):
+    """At a terminal: a banner says how to quit; an empty line or one that is not UTF-8 gets a hint
+    and the prompt again, instead of a turn or a crash."""
+    answers = iter(["", UnicodeDecodeError("utf-8", b"caf\xe9", 3, 4, "invalid"), "hi", EOFError()])
+
+    def typed(prompt):
+        answer = next(answers)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+    monkeypatch.setattr("builtins.input", typed)
+    out = io.StringIO()
+    assert list(run.typed_or_piped_turns(True, out)) == ["hi"]
+    lines = out.getvalue().splitlines()
+    assert "Ctrl-D" in lines[0] and "quits" in lines[0]
+    assert lines[1] == "(empty message: type something, or Ctrl-D to quit)"
+    assert lines[2] == "(that line is not UTF-8: byte 0xe9 at offset 3; type it again)"
+
+
+def test_status_waits_for_the_end_of_a_line_on_a_shared_terminal(monkeypatch):
+    """stdout and stderr on one terminal: the status is drawn only at the start of a line of text,
+    and wiped before the next text, so the two never interleave."""
+    fake = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", fake)
+    status = run.StatusLine(False)
+    status.enabled = status.shared = True
+    status.before_text("Once upon a")          # mid-line: no status
+    assert not status.due()
+    status.before_text(" time.\n")              # the line ended: the status may show
+    assert status.due()
+    status.show("[5 tokens]")
+    status.before_text("Lily")                 # wiped before the text continues
+    assert fake.getvalue() == "\r\x1b[2K[5 tokens]\r\x1b[2K" and not status.due()
+
+
 def test_stop_text_never_prints_a_stop_string():
     stop = run.StopText(("\nUSER:",))
     assert stop.push("Hi there") == ("Hi there", False)
