@@ -13,7 +13,7 @@ weights read (every token reads every weight once).
 
 Exit codes: 0 when done (Ctrl-C included), 1 for a problem with the model, its download or the
 input files (one line on stderr, no traceback), 2 for a bad command line, 130 for Ctrl-C before the
-stream has started.
+stream has started (while torch imports included).
 """
 import argparse
 import json
@@ -24,12 +24,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+if __name__ == "__main__":  # before torch: Ctrl-C in the seconds it takes to import exits 130, quietly
+    from minisink.cli import exit_on_interrupt
+    exit_on_interrupt("run.py")
+
 import torch
 
+from minisink import cli
 from minisink.chat import ChatTemplateError, TemplateTurns, encode_rendered, read_chat_template
+from minisink.cli import UserError
 from minisink.generate import POLICIES, Stream
-from minisink.hub import HubError, model_table, one_line, resolve
-from minisink.load import DTYPES, LoadError, build_config, load_model, read_config
+from minisink.hub import model_table, one_line, resolve
+from minisink.load import DTYPES, build_config, load_model, read_config
 from minisink.sizing import CacheSizeError, check_fits, choose_window
 from minisink.tokenizer import load_tokenizer
 
@@ -38,33 +44,32 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "minisink" / "checkpoints" / "tinystories-1m"
 
 
-class UserError(Exception):
-    """Something the user can fix (a file, a flag); printed as one line, exit code 1."""
-
-
 # ------------------------------------------------------------------------------------ the command line
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="run.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+    p = cli.Parser(prog="run.py", description=__doc__.split("\n\n")[0],
+                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
         "modes:\n"
         "  --stream           one endless text from --prompt (or from BOS), until Ctrl-C or --max-new-tokens\n"
         "  (default) chat     turns from --prompts FILE, or from stdin: typed (a terminal) or piped, one per\n"
         "                     line. All turns go into one stream: the cache persists across turns.\n\n"
         "dtype: auto is bf16 on CUDA (fp16 where bf16 is unsupported) and fp32 on CPU. fp16 on CPU is\n"
-        "refused with a message: most CPUs emulate fp16 arithmetic, slowly; use bf16 there to halve memory."))
+        "refused with a message: most CPUs emulate fp16 arithmetic, slowly; use bf16 there to halve memory.\n\n"
+        "text: --prompt, --prompts and chat lines must be UTF-8; text that is not is reported (where, and\n"
+        "the byte offset), never guessed at. A typed line is asked for again; anything else exits 1."))
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, metavar="NAME",
                    help=f"short name (see --list-models), Hugging Face repo id, or local folder "
                         f"(default: {DEFAULT_MODEL.relative_to(HERE)})")
     g.add_argument("--revision", default=None, metavar="REV", help="hub branch, tag or commit, e.g. refs/pr/7 for a safetensors conversion")
     g.add_argument("--list-models", action="store_true", help="print the short names and exit")
-    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    g.add_argument("--device", default="auto", type=cli.device, help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="weights and cache dtype (default: auto, see below)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
-    g.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models on a busy machine)")
+    g.add_argument("--threads", type=cli.int_at_least(1), default=None, metavar="N",
+                   help=f"CPU threads for torch (default: 1 for models under {cli.TINY_MODEL_PARAMS / 1e6:.0f}M parameters, "
+                        "where more threads only spin; torch's choice, one per core, for larger ones)")
     g = p.add_argument_group("cache")
     g.add_argument("--policy", default="sink", choices=POLICIES, help="default: sink (StreamingLLM)")
     g.add_argument("--sink-size", type=int, default=4, metavar="S", help="attention sinks kept forever (default: 4)")
@@ -72,14 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="recent tokens kept (default: the model's trained context minus S, S+W at most 4096)")
     g = p.add_argument_group("generation")
     g.add_argument("--stream", action="store_true", help="endless text instead of chat")
-    g.add_argument("--prompt", default="", metavar="TEXT", help="text the stream starts from, after BOS (default: just BOS)")
-    g.add_argument("--prompts", type=Path, metavar="FILE", help='chat turns from a JSONL file of {"turns": [...]} (MT-Bench style)')
+    g.add_argument("--prompt", default="", type=cli.text_arg, metavar="TEXT", help="text the stream starts from, after BOS (default: just BOS)")
+    g.add_argument("--prompts", type=cli.readable_file, metavar="FILE", help='chat turns from a JSONL file of {"turns": [...]} (MT-Bench style)')
     g.add_argument("--template", default="auto", choices=["auto", *TEMPLATES],
                    help="chat prompt template (default: the checkpoint's own, else picked from the model's name)")
     g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help="stop after N tokens (default: endless with --stream, 256 per chat turn)")
-    g.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 is greedy (default: 0.8)")
-    g.add_argument("--top-p", type=float, default=0.95, metavar="P", help="nucleus sampling (default: 0.95)")
+    g.add_argument("--temperature", type=cli.temperature, default=0.8, metavar="T", help="0 is greedy (default: 0.8)")
+    g.add_argument("--top-p", type=cli.top_p, default=0.95, metavar="P", help="nucleus sampling, 0 < P <= 1 (default: 0.95)")
     g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the K most likely (default: off)")
     g.add_argument("--seed", type=int, default=None, metavar="N", help="seed the sampler (default: random)")
     g = p.add_argument_group("output")
@@ -89,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.stream and args.prompts:
         p.error("--stream and --prompts are two different modes: pick one")
+    if args.revision and (args.model is None or Path(args.model).expanduser().is_dir()):
+        p.error(f"--revision {args.revision} picks a version of a hub repo; {args.model or 'the default model'} "
+                "is a local folder, which has only the files it holds")
     for name in ("sink_size", "window_size", "max_new_tokens", "top_k"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "sink_size" else 1):
@@ -170,10 +178,7 @@ def pick_template(name: str, model_type: str | None) -> str:
 
 def read_prompts(path: Path) -> list[str]:
     """All turns of a JSONL file whose lines are {"turns": ["...", ...]}, in order."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--prompts {path}: {one_line(e)}") from None
+    lines = cli.read_text(path, f"--prompts {path}").splitlines()
     turns = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -186,21 +191,40 @@ def read_prompts(path: Path) -> list[str]:
                 and all(isinstance(t, str) for t in record["turns"])):
             raise UserError(f'{path}:{n}: expected an object with a "turns" list of strings')
         turns += record["turns"]
+    if not turns:
+        raise UserError(f"--prompts {path}: no turns in the file (expected lines like {{\"turns\": [\"Hello!\"]}})")
     return turns
 
 
-def typed_or_piped_turns(interactive: bool):
-    """Turns from stdin: prompted for on a terminal, one per line when piped. Ends at EOF."""
+def typed_or_piped_turns(interactive: bool, out=None):
+    """Turns from stdin: prompted for on a terminal, one per line when piped. Ends at EOF.
+    A line that is not UTF-8 is reported: typed, it is asked for again; piped, the run stops."""
+    out = out or sys.stdout
+    if interactive:
+        out.write("Type a message and press Enter. Ctrl-C stops a reply; Ctrl-D (or Ctrl-C here) quits.\n")
+    number = 0
     while True:
-        try:
-            line = input("USER: ") if interactive else sys.stdin.readline()
-        except EOFError:
-            return
-        if not interactive and not line:
-            return
-        line = line.rstrip("\n")
-        if line.strip():
-            yield line
+        number += 1
+        if interactive:
+            try:
+                line = input("USER: ")
+            except EOFError:
+                out.write("\n")
+                return
+            except UnicodeDecodeError as e:
+                out.write(f"(that line is not UTF-8: {cli.bad_byte(e.object, e)}; type it again)\n")
+                continue
+            if not line.strip():
+                out.write("(empty message: type something, or Ctrl-D to quit)\n")
+                continue
+        else:
+            data = sys.stdin.buffer.readline()
+            if not data:
+                return
+            line = cli.decode_utf8(data, f"stdin line {number}").rstrip("\n")
+            if not line.strip():
+                continue
+        yield line
 
 
 class StopText:
@@ -280,44 +304,46 @@ class Meter:
 
 
 class StatusLine:
-    """One line on stderr, redrawn in place: tokens, cache slots, speed, memory.
+    """One line on stderr, redrawn in place: tokens, cache slots and evictions, speed, memory.
 
-    When stdout is the same terminal, text and status would overwrite each other, so the status is
-    pinned to the bottom row and the rows above become a scroll region (VT100 DECSTBM) for the text.
+    When stdout is another file (a pipe, a file) the status has its terminal row to itself. When
+    stdout is the same terminal, text and status would overwrite each other, so the status is drawn
+    only between lines of text: while the text's cursor is at the start of an empty line, and wiped
+    before the next text is written. Long lines therefore show it less often; they are never garbled.
     """
 
     def __init__(self, enabled: bool):
         self.enabled = enabled and sys.stderr.isatty()
-        self.pinned = self.enabled and sys.stdout.isatty() and same_terminal(sys.stdout, sys.stderr)
-        self.rows, self.cols = shutil.get_terminal_size()[::-1]
+        self.shared = self.enabled and sys.stdout.isatty() and same_terminal(sys.stdout, sys.stderr)
+        self.cols = shutil.get_terminal_size().columns
         self.last = 0.0
-        if self.pinned:
-            sys.stdout.flush()
-            # make sure a row is free below the cursor, then scroll only rows 1..rows-1
-            # (setting the region homes the cursor: save and restore it around)
-            sys.stderr.write(f"\n\x1b[1A\x1b7\x1b[1;{self.rows - 1}r\x1b8")
-            sys.stderr.flush()
+        self.line_start = True   # shared terminal: is the text's cursor at the start of a line?
+        self.visible = False
 
     def due(self) -> bool:
         """Time to redraw? A few times a second: more would cost more than the tokens."""
-        return self.enabled and time.monotonic() - self.last >= 0.25
+        return self.enabled and time.monotonic() - self.last >= 0.25 and (self.line_start or not self.shared)
 
     def show(self, text: str):
         self.last = time.monotonic()
-        text = text[:self.cols - 1]
-        if self.pinned:
-            sys.stderr.write(f"\x1b7\x1b[{self.rows};1H\x1b[2K{text}\x1b8")
-        else:
-            sys.stderr.write(f"\r\x1b[2K{text}")
+        sys.stderr.write(f"\r\x1b[2K{text[:self.cols - 1]}")
         sys.stderr.flush()
+        self.visible = True
+
+    def before_text(self, text: str):
+        """Called before `text` goes to stdout: on a shared terminal, wipe the status first."""
+        if self.shared and self.visible:
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()
+            self.visible = False
+        if text:
+            self.line_start = text.endswith("\n")
 
     def close(self):
-        if self.pinned:  # whole screen scrolls again; clear the status row
-            sys.stderr.write(f"\x1b7\x1b[r\x1b[{self.rows};1H\x1b[2K\x1b8")
-        elif self.enabled:
+        if self.visible or (self.enabled and not self.shared):
             sys.stderr.write("\r\x1b[2K")
-        sys.stderr.flush()
-        self.enabled = self.pinned = False
+            sys.stderr.flush()
+        self.enabled = self.visible = False
 
 
 def same_terminal(a, b) -> bool:
@@ -343,6 +369,7 @@ class Demo:
 
     def write(self, text: str):
         if text:
+            self.status.before_text(text)
             self.out.write(text)
             self.out.flush()
 
@@ -352,7 +379,11 @@ class Demo:
         return self.decoder.push(token) if token < self.tok.vocab_size else ""
 
     def feed(self, ids: list[int]):
-        self.stream.feed(torch.tensor([ids], dtype=torch.long))
+        logits = self.stream.feed(torch.tensor([ids], dtype=torch.long))
+        if not self.meter.fed and not bool(torch.isfinite(logits).all()):  # once, on the first logits
+            raise UserError(f"{self.args.model or 'the default model'}: its first logits are NaN or infinite: the "
+                            "weights hold NaN/inf (a corrupt or wrongly converted checkpoint)" +
+                            ("; or fp16 overflows: try --dtype bf16 or fp32" if self.stream.dtype == torch.float16 else ""))
         self.meter.fed += len(ids)
 
     def monologue(self, start_ids: list[int], echo_ids: list[int]):
@@ -379,7 +410,13 @@ class Demo:
             ids = template.turn_ids(self.tok, user, first=self.turns == 0)
             self.turns += 1
             self.write((f"USER: {user}\n" if echo else "") + "ASSISTANT: ")
-            reply = self.reply(ids)
+            if echo:
+                reply = self.reply(ids)
+            else:  # typed: Ctrl-C stops this reply, and the user types the next turn
+                with cli.DeferredInterrupt() as ctrl_c:
+                    reply = self.reply(ids, stop=lambda: ctrl_c.pressed)
+                if ctrl_c.pressed:
+                    self.write(" [reply stopped]")
             ended = eos is not None and reply[-1:] == [eos]
             # what the chat format puts after the reply and the model has not said: ... reply </s>
             closing = template.replied(self.tok.decode(reply[:-1] if ended else reply), eos_text if ended else None,
@@ -390,10 +427,10 @@ class Demo:
             transcript.append(dict(user=user, prompt_ids=ids, reply_ids=reply))
         return transcript
 
-    def reply(self, ids: list[int]) -> list[int]:
-        """Feed one turn, print the model's answer until EOS, a stop string or --max-new-tokens."""
+    def reply(self, ids: list[int], stop=lambda: False) -> list[int]:
+        """Feed one turn, print the model's answer until EOS, a stop string, --max-new-tokens or stop()."""
         eos = self.tok.eos_id
-        self.decoder, stop, reply, started = self.tok.stream_decoder(), StopText(self.template.stop), [], False
+        self.decoder, stop_text, reply, started = self.tok.stream_decoder(), StopText(self.template.stop), [], False
         self.meter.start()
         self.feed(ids)
         for token in self.stream.generate(max_new_tokens=self.args.max_new_tokens or 256,
@@ -404,15 +441,18 @@ class Demo:
             self.update_status()
             if token == eos:
                 break
-            text, stopped = stop.push(self.printable(token))
+            text, stopped = stop_text.push(self.printable(token))
             if not started:  # the reply's own leading space: "ASSISTANT: " has one already
                 text = text.lstrip()
                 started = bool(text)
             self.write(text)
             if stopped:
                 break
+            if stop():
+                self.write(stop_text.push(self.decoder.flush())[0] + stop_text.flush())
+                break
         else:  # ran out of tokens: what the decoder and the stop filter still hold
-            self.write(stop.push(self.decoder.flush())[0] + stop.flush())
+            self.write(stop_text.push(self.decoder.flush())[0] + stop_text.flush())
         self.decoder = None
         return reply
 
@@ -435,16 +475,21 @@ class Demo:
         shape = {"sink": f"S={s.cache.S} W={s.cache.W}", "window": f"S=0 W={s.cache.W}",
                  "dense": "no eviction: grows with the stream", "recompute": "re-encoded every token"}[s.policy]
         dtype = str(s.dtype).removeprefix("torch.")
-        first = (f"time to first token {m.first_s:.2f} s{f' over {self.turns} turns' if self.turns > 1 else ''} "
+        turns = f"{self.turns} turn{'s' if self.turns != 1 else ''}"
+        first = (f"time to first token {m.first_s:.2f} s{f' over {turns}' if self.turns > 1 else ''} "
                  f"({m.fed:,} prompt token{'s' if m.fed != 1 else ''})")
-        return (f"run.py: {'interrupted: ' if interrupted else ''}{f'{self.turns} turns, ' if self.turns else ''}"
+        return (f"run.py: {'interrupted: ' if interrupted else ''}{f'{turns}, ' if self.turns else ''}"
                 f"{m.generated:,} token{'s' if m.generated != 1 else ''} generated; {first}; then {tok_s:,.1f} tok/s = {ms:.2f} ms/token = "
                 f"{gb_s:.2f} GB/s of weights read ({m.weight_bytes / 1e6:,.1f} MB of {dtype} parameters per token); "
                 f"cache {self.cache_use()} ({s.policy}, {shape}); {memory(s.device)}")
 
     def cache_use(self) -> str:
+        """The fill, and how many tokens have been dropped from the cache so far."""
         s = self.stream
-        return f"{s.slots_used:,} tokens" if s.policy == "dense" else f"{s.slots_used:,}/{s.capacity:,} slots"
+        if s.policy == "dense":
+            return f"{s.slots_used:,} tokens"
+        seen = s.cache.length if s.policy != "recompute" else self.meter.fed + max(0, self.meter.generated - 1)
+        return f"{s.slots_used:,}/{s.capacity:,} slots, {max(0, seen - s.capacity):,} evicted"
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -512,9 +557,8 @@ def load(args, download=None):
 
 def make_demo(args, download=None) -> tuple[Demo, list[int], list[int]]:
     """The Demo that args ask for, and (ids the stream starts with, prompt ids to echo)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model, tokenizer, config, folder, window, chat_template = load(args, download)
+    torch.set_num_threads(args.threads or cli.default_threads(model))
     stream = Stream(model, policy=args.policy, sink_size=args.sink_size, window_size=window, compile=args.compile)
     if args.seed is not None:
         torch.manual_seed(args.seed)  # one generator for the whole run, chat turns included
@@ -549,21 +593,14 @@ def run(args, download=None) -> int:
 
 
 def main(argv=None, download=None) -> int:
-    args = parse_args(argv)
-    if args.list_models:
-        print(model_table(default=str(DEFAULT_MODEL.relative_to(HERE))))
-        return 0
-    try:
+    """Every failure the user can fix is one line (minisink/cli.py); Ctrl-C while loading exits 130."""
+    def command(argv) -> int:
+        args = parse_args(argv)
+        if args.list_models:
+            print(model_table(default=str(DEFAULT_MODEL.relative_to(HERE))))
+            return 0
         return run(args, download)
-    except (UserError, HubError, LoadError, ChatTemplateError) as e:
-        print(f"run.py: error: {one_line(e)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # while loading: nothing to summarise
-        print("run.py: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `run.py --stream | head`: the reader has gone, so have we
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    return cli.main("run.py", command, argv, errors=(ChatTemplateError,))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ No torch.cat to evict, no reallocation and no host synchronisation in the decode
 position `n` lives on the device, and a one-token step never reads it on the host. Only the chunked
 path (prefill, evaluation) asks for it, once per chunk, to choose which tokens of the chunk survive.
 """
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -143,8 +144,9 @@ class SinkCache(nn.Module):
     @staticmethod
     def _static(buf: torch.Tensor) -> torch.Tensor:
         """Tell torch.compile this tensor never moves: a CUDA graph (mode="reduce-overhead") can then
-        read and write it in place at every replay instead of copying it in and out."""
-        if not torch.compiler.is_compiling():
+        read and write it in place at every replay instead of copying it in and out. Only once
+        torch.compile is loaded (Stream(compile=True) loads it first): importing it takes seconds."""
+        if "torch._dynamo" in sys.modules and not torch.compiler.is_compiling():
             torch._dynamo.mark_static_address(buf)
         return buf
 

@@ -1,6 +1,6 @@
 """Streaming perplexity on long text: the NLL of every token under each cache policy.
 
-    python -m minisink.eval --model FOLDER --text FILE|- --tokens 8000 \\
+    python -m minisink.eval --model FOLDER|NAME --text FILE|- --tokens 8000 \\
         --policy dense,window,sink,recompute --sink-size 4 --window-size 1020 --out DIR
 
 The definition is token-by-token streaming: feed the stream one token at a time through a cache,
@@ -51,17 +51,19 @@ import math
 import sys
 from pathlib import Path
 
+if __name__ == "__main__":  # before torch: Ctrl-C while it imports exits 130 without a traceback
+    from minisink.cli import exit_on_interrupt
+    exit_on_interrupt("python -m minisink.eval")
+
 import torch
 import torch.nn.functional as F
 
+from . import cli
 from .cache import SinkCache
+from .cli import UserError
 from .generate import POLICIES, make_cache
 
 RECOMPUTE_BUDGET = 2 ** 26  # elements of the largest tensor (logits or scores) in one recompute batch
-
-
-class UserError(Exception):
-    """Something on the command line or in the input the user can fix; printed as one line."""
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -183,12 +185,6 @@ class Progress:
             print(file=sys.stderr)
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        print(f"minisink.eval: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -197,33 +193,43 @@ def int_list(text: str) -> list[int]:
 
 
 def parse_args(argv):
-    p = Parser(prog="python -m minisink.eval", description=__doc__.split("\n")[0])
+    p = cli.Parser(prog="python -m minisink.eval", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True,
-                   help="Hugging Face model folder (config.json, model.safetensors, tokenizer), or a .gguf file")
-    p.add_argument("--text", required=True, help="plain-text file, or - for stdin")
+                   help="model folder (config.json, model.safetensors, tokenizer), short name, hub repo id or .gguf file, as run.py takes")
+    p.add_argument("--text", required=True, type=lambda t: t if t == "-" else cli.readable_file(t),
+                   help="UTF-8 text file, or - for stdin (text that is not UTF-8 is reported with its byte offset)")
     p.add_argument("--tokens", type=int, default=4000, help="length N of the stream, BOS included (default 4000)")
     p.add_argument("--policy", default="dense,window,sink,recompute", help="comma-separated: " + ", ".join(POLICIES))
     p.add_argument("--sink-size", type=int, default=4, help="S, attention sinks (default 4)")
     p.add_argument("--window-size", type=int, default=None,
                    help="W, rolling window (default: the model's trained context minus S, S+W at most 4096)")
     p.add_argument("--chunk-size", type=int, default=512, help="tokens per forward pass (default 512)")
-    p.add_argument("--out", default=".", help="folder for the CSVs and the PNG (default: current folder)")
+    p.add_argument("--out", required=True, type=cli.writable_folder,
+                   help="folder for the CSVs and the PNG (required: eval writes nowhere unless told where; "
+                        "e.g. results/NAME, outside the repository)")
     p.add_argument("--sweep-sinks", type=int_list, default=None, metavar="0,1,2,4,8",
                    help="also print PPL for these sink counts at the same cache size S+W (paper's Table 2)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
+    p.add_argument("--device", default="cpu", type=cli.device, help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16, or fp16 (GPU only: refused on CPU, as by run.py)")
     args = p.parse_args(argv)
     args.policy = [x.strip() for x in args.policy.split(",") if x.strip()]
     bad = [x for x in args.policy if x not in POLICIES]
     if bad or not args.policy:
-        raise UserError(f"unknown policy {bad[0] if bad else '(none)'!r}; choose from {', '.join(POLICIES)}")
+        p.error(f"unknown policy {bad[0] if bad else '(none)'!r}; choose from {', '.join(POLICIES)}")
     if args.sink_size < 0 or (args.window_size is not None and args.window_size < 1) or args.chunk_size < 1:
-        raise UserError("need --sink-size >= 0, --window-size >= 1 and --chunk-size >= 1")
+        p.error("need --sink-size >= 0, --window-size >= 1 and --chunk-size >= 1")
     if args.tokens < 2:
-        raise UserError(f"--tokens must be at least 2 (the first token is not scored), got {args.tokens}")
-    if args.model.lower().endswith(".gguf"):  # a llama.cpp file: converted once into the cache
-        from .gguf import cached_conversion
-        args.model = str(cached_conversion(args.model))
+        p.error(f"--tokens must be at least 2 (the first token is not scored), got {args.tokens}")
+    for s in args.sweep_sinks or []:  # checked again once the default window is known (choose_cache)
+        if args.window_size is not None and not 0 <= s < args.sink_size + args.window_size:
+            p.error(f"--sweep-sinks: {s} sinks leave no window in a cache of {args.sink_size + args.window_size}")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    from .load import DTYPES
+    if args.dtype not in DTYPES:
+        p.error(f"--dtype {args.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if DTYPES[args.dtype] == torch.float16 and torch.device(args.device).type == "cpu":
+        raise UserError("--dtype fp16 is refused on CPU (most CPUs emulate fp16, slowly): use fp32, or bf16 to halve memory")
     return args
 
 
@@ -252,13 +258,7 @@ def read_stream(args) -> list[int]:
         from .tokenizer import load_tokenizer
     except ImportError as e:
         raise UserError(f"minisink.tokenizer is not available ({e})") from None
-    if args.text == "-":
-        text = sys.stdin.read()
-    else:
-        path = Path(args.text)
-        if not path.is_file():
-            raise UserError(f"{path}: no such file")
-        text = path.read_text(encoding="utf-8", errors="replace")
+    text = cli.decode_utf8(sys.stdin.buffer.read(), "stdin") if args.text == "-" else cli.read_text(args.text)
     read_config(args.model)  # a wrong folder is best reported as such, before its tokenizer
     try:
         tokenizer = load_tokenizer(args.model)
@@ -355,9 +355,9 @@ def print_sweep(rows: list[dict]):
 
 
 def run(args) -> int:
+    from .hub import resolve
     from .load import DTYPES, load_model
-    if args.dtype not in DTYPES:
-        raise UserError(f"--dtype {args.dtype!r}: choose one of {', '.join(DTYPES)}")
+    args.model = resolve(args.model)  # a folder, a .gguf file, or a short name / repo id downloaded as run.py does
     S, (W, notes) = args.sink_size, choose_cache(args, args.device)
     C = S + W
     ids_list = read_stream(args)
@@ -411,13 +411,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .gguf import GGUFError
-    from .load import LoadError
-    try:
-        return run(parse_args(argv))
-    except (UserError, LoadError, GGUFError, OSError, UnicodeDecodeError) as e:
-        print(f"minisink.eval: error: {e}", file=sys.stderr)
-        return 1
+    return cli.main("python -m minisink.eval", lambda argv: run(parse_args(argv)), argv)
 
 
 if __name__ == "__main__":

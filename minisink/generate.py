@@ -16,6 +16,7 @@ Policies, all through this loop so they can be compared:
   recompute  no KV cache across steps: re-encode the last S+W tokens from scratch for every new
              token, positions 0..S+W-1. The quality reference; quadratic cost.
 """
+import importlib
 from collections.abc import Iterator
 
 import torch
@@ -80,6 +81,8 @@ class Stream:
         self.model, self.policy, self.batch_size = model, policy, batch_size
         self.device, self.dtype = weight.device, weight.dtype
         self.capacity = sink_size + window_size
+        if compile:  # before the cache, which marks its buffers static for CUDA graphs once this is loaded
+            importlib.import_module("torch._dynamo")
         self.cache = make_cache(policy, sink_size, window_size, self.device, self.dtype)
         self.prefill_chunk = prefill_chunk or min(window_size, 512)
         self.history = torch.empty(batch_size, 0, dtype=torch.long, device=self.device)  # recompute only

@@ -3,7 +3,7 @@
     python -m minisink.golden make --model FOLDER --out CASE --sink-size 4 --window-size 12
     python -m minisink.golden check CASE [CASE ...]                     # minisink against the cases
     python -m minisink.golden check CASE --logits THEIRS.safetensors    # another implementation
-    python -m minisink.golden regenerate                                # re-record tests/golden/*
+    python -m minisink.golden regenerate [--write]                      # re-record tests/golden/*
     python -m minisink.golden streams CASE                              # the ids to feed, as JSON
 
 A case is a folder (docs/golden.md has the full reference and a worked example):
@@ -43,7 +43,6 @@ forgiven only where the golden logits tie within the tolerance), and the NLL. Th
 off is reported with where it sits in the stream: before the cache filled (the model differs) or
 after tokens were evicted (positions or eviction differ).
 """
-import argparse
 import hashlib
 import json
 import os
@@ -51,13 +50,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+if __name__ == "__main__":  # before torch: Ctrl-C while it imports exits 130 without a traceback
+    from minisink.cli import exit_on_interrupt
+    exit_on_interrupt("python -m minisink.golden")
+
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
+from . import __version__, cli
 from .generate import POLICIES, decode_one_token, make_cache
-from .load import DTYPES, LoadError, load_model, read_config
+from .load import DTYPES, load_model, read_config
 
 FORMAT = "minisink-golden-1"
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "tests" / "golden"
@@ -275,7 +278,7 @@ def record(case: Case, model) -> dict[str, torch.Tensor]:
     return out
 
 
-def write(case: Case, tensors: dict[str, torch.Tensor]) -> None:
+def write_case(case: Case, tensors: dict[str, torch.Tensor]) -> None:
     case.folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(case.folder / "golden.safetensors"), metadata={"format": FORMAT})
     (case.folder / "case.json").write_text(case.to_json())
@@ -308,7 +311,7 @@ def make(model_folder, out, *, prompt: list[int], continuation: list[int], steps
         logits={"mode": "full"} if logits == "full" else {"mode": "topk", "k": top_k},
         tolerances=tolerances or {"logits_atol": atol, "lse_atol": atol, "nll_atol": atol},
         prefill_chunk=prefill_chunk, folder=out)
-    write(case, record(case, load_case_model(case)))
+    write_case(case, record(case, load_case_model(case)))
     return case
 
 
@@ -320,20 +323,33 @@ def _source(model_folder: Path, case_folder: Path) -> str:
     return Path(os.path.relpath(model_folder, case_folder)).as_posix()
 
 
-def regenerate(folder, model_folder=None) -> str:
-    """Re-record a case from its own case.json (same model, same inputs); say what changed."""
-    case = load_case(folder)
-    old = case.golden()
-    case.minisink_version, case.torch_version = __version__, torch.__version__
-    new = record(case, load_case_model(case, model_folder))
-    write(case, new)
-    changed = [k for k in sorted(new) if k not in old or not torch.equal(old[k], new[k])]
-    if not changed:
-        return f"{case.name}: unchanged, bit for bit"
-    diffs = [f"{k} max|Δ| {(old[k].double() - new[k].double()).abs().max().item():.2e}"
-             for k in changed if k in old and old[k].shape == new[k].shape and k != "tokens"]
-    tokens = "tokens unchanged" if torch.equal(old["tokens"], new["tokens"]) else "TOKENS CHANGED"
-    return f"{case.name}: rewritten; {tokens}; " + ("; ".join(diffs) or ", ".join(changed))
+def regenerate(folders, model_folder=None, write: bool = False) -> list[str]:
+    """Re-record cases from their own case.json (same model, same inputs); one line per case on
+    what changed. Every case is rebuilt in memory before any file is touched, so a case that cannot
+    be rebuilt stops the command with all the files as they were; a case whose model is absent (the
+    stories260K case without ../shared) is skipped, and says so. Files are written only if `write`,
+    and only those of cases that changed."""
+    rebuilt, lines = [], []
+    for folder in folders:
+        case = load_case(folder)
+        if model_folder is None and not case.model_folder.exists():
+            lines.append(f"SKIP {case.name}: its model is not at {case.model_folder} (pass --model FOLDER)")
+            continue
+        rebuilt.append((case, case.golden(), record(case, load_case_model(case, model_folder))))
+    for case, old, new in rebuilt:
+        changed = [k for k in sorted(new) if k not in old or not torch.equal(old[k], new[k])]
+        if not changed:
+            lines.append(f"{case.name}: unchanged, bit for bit")
+            continue
+        if write:
+            case.minisink_version, case.torch_version = __version__, torch.__version__
+            write_case(case, new)
+        diffs = [f"{k} max|Δ| {(old[k].double() - new[k].double()).abs().max().item():.2e}"
+                 for k in changed if k in old and old[k].shape == new[k].shape and k != "tokens"]
+        tokens = "tokens unchanged" if torch.equal(old["tokens"], new["tokens"]) else "TOKENS CHANGED"
+        lines.append(f"{case.name}: {'rewritten' if write else 'would change (pass --write to rewrite it)'}; "
+                     f"{tokens}; " + ("; ".join(diffs) or ", ".join(changed)))
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,7 +557,7 @@ def _ids_from(args, config) -> tuple[list[int], list[int]]:
     if args.text:
         from .tokenizer import load_tokenizer
         tok = load_tokenizer(args.model)
-        ids = tok.encode(Path(args.text).read_text(encoding="utf-8")[: 20 * need], bos=tok.bos_id is not None)
+        ids = tok.encode(cli.read_text(args.text)[: 20 * need], bos=tok.bos_id is not None)
         if len(ids) < need:
             raise GoldenError(f"{args.text}: {len(ids)} tokens, need {need}")
     else:
@@ -555,89 +571,106 @@ def _ids_from(args, config) -> tuple[list[int], list[int]]:
 THREADS_HELP = "CPU threads (default 1: the same bits on every rerun)"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minisink.golden", description=__doc__.split("\n\n")[0])
+def parse_args(argv=None):
+    """Every flag checked as it is read (minisink/cli.py): a bad one exits 2 before any model loads."""
+    parser = cli.Parser(prog="python -m minisink.golden", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    at_least_0, at_least_1, at_least_2 = cli.int_at_least(0), cli.int_at_least(1), cli.int_at_least(2)
     m = sub.add_parser("make", help="run minisink on a model and write a case folder")
     m.add_argument("--model", required=True, help="model folder (config.json + safetensors)")
-    m.add_argument("--out", required=True, help="case folder to write")
+    m.add_argument("--out", required=True, type=cli.writable_folder, help="case folder to write")
     m.add_argument("--policy", default="sink", choices=POLICIES)
-    m.add_argument("--sink-size", type=int, default=4)
-    m.add_argument("--window-size", type=int, default=12)
-    m.add_argument("--prompt-len", type=int, default=40, help="make it longer than S+W")
-    m.add_argument("--steps", type=int, default=40, help="greedy decode steps")
-    m.add_argument("--continuation-len", type=int, default=40, help="teacher-forced tokens scored by NLL")
-    m.add_argument("--text", help="take prompt and continuation from this text (the model's tokenizer); "
-                                  "default: random ids from --seed")
+    m.add_argument("--sink-size", type=at_least_0, default=4)
+    m.add_argument("--window-size", type=at_least_1, default=12)
+    m.add_argument("--prompt-len", type=at_least_2, default=40, help="make it longer than S+W")
+    m.add_argument("--steps", type=at_least_1, default=40, help="greedy decode steps")
+    m.add_argument("--continuation-len", type=at_least_0, default=40, help="teacher-forced tokens scored by NLL")
+    m.add_argument("--text", type=cli.readable_file,
+                   help="take prompt and continuation from this UTF-8 text (the model's tokenizer); "
+                        "default: random ids from --seed")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     m.add_argument("--logits", default="auto", choices=("auto", "full", "topk"),
                    help=f"auto: full rows up to a vocabulary of {FULL_VOCAB_MAX}, top-k beyond")
-    m.add_argument("--top-k", type=int, default=32)
-    m.add_argument("--atol", type=float, help="tolerance on logits, log-sum-exp and NLL (default by dtype)")
-    m.add_argument("--prefill-chunk", type=int, default=0, help="0: the prompt in one chunk")
+    m.add_argument("--top-k", type=at_least_1, default=32)
+    m.add_argument("--atol", type=positive_float, help="tolerance on logits, log-sum-exp and NLL (default by dtype)")
+    m.add_argument("--prefill-chunk", type=at_least_0, default=0, help="0: the prompt in one chunk")
     m.add_argument("--name")
     m.add_argument("--description", default="")
-    m.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    m.add_argument("--threads", type=at_least_1, default=1, help=THREADS_HELP)
     c = sub.add_parser("check", help="check minisink, or a logits file, against case(s); exit 1 on failure")
     c.add_argument("cases", nargs="+", help="case folders, or folders of cases")
-    c.add_argument("--logits", help="THEIRS.safetensors with generation_logits and continuation_logits "
-                                    "(one case only); without it minisink is checked")
+    c.add_argument("--logits", type=cli.readable_file,
+                   help="THEIRS.safetensors with generation_logits and continuation_logits "
+                        "(one case only); without it minisink is checked")
     c.add_argument("--model", help="where the case's model is, if not at its recorded source")
-    c.add_argument("--prefill-chunk", type=int, help="minisink's prefill chunk (default: as made; 1: streaming)")
-    r = sub.add_parser("regenerate", help="re-record cases from their case.json (same model and inputs)")
+    c.add_argument("--prefill-chunk", type=at_least_1, help="minisink's prefill chunk (default: as made; 1: streaming)")
+    r = sub.add_parser("regenerate", help="re-record cases from their case.json (same model and inputs); "
+                                          "says what would change, and writes only with --write")
     r.add_argument("cases", nargs="*", default=[str(DEFAULT_DIR)])
     r.add_argument("--model", help="where the case's model is, if not at its recorded source")
-    r.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    r.add_argument("--threads", type=at_least_1, default=1, help=THREADS_HELP)
+    r.add_argument("--write", action="store_true",
+                   help="rewrite the cases that changed (default: only report), once every case has been rebuilt")
     s = sub.add_parser("streams", help="print the ids of the two streams to feed, as JSON")
     s.add_argument("case")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(text)
+    return value
+
+
+def run(argv=None) -> int:
+    args = parse_args(argv)
     if args.command in ("make", "regenerate"):
         torch.set_num_threads(args.threads)
-    try:
-        if args.command == "make":
-            prompt, continuation = _ids_from(args, read_config(args.model))
-            atol = args.atol
-            case = make(args.model, args.out, prompt=prompt, continuation=continuation, steps=args.steps,
-                        sink_size=args.sink_size, window_size=args.window_size, policy=args.policy,
-                        dtype=args.dtype, logits=args.logits, top_k=args.top_k, prefill_chunk=args.prefill_chunk,
-                        tolerances={"logits_atol": atol, "lse_atol": atol, "nll_atol": atol} if atol else None,
-                        name=args.name, description=args.description)
-            print(f"wrote {case.folder} ({len(case.prompt)} prompt, {case.steps} steps, "
-                  f"{len(case.continuation)} continuation tokens; S={case.sink_size} W={case.window_size})")
-            return 0
-        if args.command == "streams":
-            case = load_case(args.case)
-            print(json.dumps({s: case.stream(s).tolist() for s in ("generation", "continuation")}))
-            return 0
-        folders = find_cases(args.cases)
-        if not folders:
-            raise GoldenError(f"no case.json in {', '.join(args.cases)}")
-        if args.command == "regenerate":
-            for folder in folders:
-                print(regenerate(folder, args.model))
-            return 0
-        if args.logits and len(folders) > 1:
-            raise GoldenError("--logits checks one case; name exactly one case folder")
-        ok = True
-        for folder in folders:
-            case = load_case(folder)
-            if not args.logits and not args.model and not case.model_folder.exists():
-                # e.g. stories260K in a clone without ../shared/assets: say so, check the others
-                print(f"SKIP {case.name}: its model is not at {case.model_folder} (pass --model FOLDER)\n")
-                continue
-            if args.logits:
-                report = check_logits(case, read_logits_file(args.logits), who=args.logits)
-            else:
-                report = check(case, minisink_logits(load_case_model(case, args.model), args.prefill_chunk),
-                               who="minisink")
-            print(report, end="\n\n")
-            ok &= report.passed
-        return 0 if ok else 1
-    except (GoldenError, LoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "make":
+        prompt, continuation = _ids_from(args, read_config(args.model))
+        atol = args.atol
+        case = make(args.model, args.out, prompt=prompt, continuation=continuation, steps=args.steps,
+                    sink_size=args.sink_size, window_size=args.window_size, policy=args.policy,
+                    dtype=args.dtype, logits=args.logits, top_k=args.top_k, prefill_chunk=args.prefill_chunk,
+                    tolerances={"logits_atol": atol, "lse_atol": atol, "nll_atol": atol} if atol else None,
+                    name=args.name, description=args.description)
+        print(f"wrote {case.folder} ({len(case.prompt)} prompt, {case.steps} steps, "
+              f"{len(case.continuation)} continuation tokens; S={case.sink_size} W={case.window_size})")
+        return 0
+    if args.command == "streams":
+        case = load_case(args.case)
+        print(json.dumps({s: case.stream(s).tolist() for s in ("generation", "continuation")}))
+        return 0
+    folders = find_cases(args.cases)
+    if not folders:
+        raise GoldenError(f"no case.json in {', '.join(args.cases)}")
+    if args.command == "regenerate":
+        print("\n".join(regenerate(folders, args.model, write=args.write)))
+        return 0
+    if args.logits and len(folders) > 1:
+        raise GoldenError("--logits checks one case; name exactly one case folder")
+    ok = True
+    for folder in folders:
+        case = load_case(folder)
+        if not args.logits and not args.model and not case.model_folder.exists():
+            # e.g. stories260K in a clone without ../shared/assets: say so, check the others
+            print(f"SKIP {case.name}: its model is not at {case.model_folder} (pass --model FOLDER)\n")
+            continue
+        if args.logits:
+            report = check_logits(case, read_logits_file(args.logits), who=args.logits)
+        else:
+            report = check(case, minisink_logits(load_case_model(case, args.model), args.prefill_chunk),
+                           who="minisink")
+        print(report, end="\n\n")
+        ok &= report.passed
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    """Exit 0 pass, 1 a check failed, 2 unusable input (one line on stderr; docs/golden.md)."""
+    return cli.main("python -m minisink.golden", run, argv, errors=(GoldenError,), error_code=2)
 
 
 if __name__ == "__main__":

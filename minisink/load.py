@@ -38,9 +38,12 @@ def read_config(folder) -> dict:
     if not path.is_file():
         raise LoadError(f"{folder}: no config.json (expected a Hugging Face model folder)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoadError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LoadError(f"{path}: expected a JSON object of settings, found a JSON {type(config).__name__}")
+    return config
 
 
 def build_config(d: dict, where="config.json"):
@@ -104,11 +107,24 @@ def checkpoint_names(model):
     return dict(model.named_parameters()), aliases, ignore
 
 
+class SkipRandomInit(torch.overrides.TorchFunctionMode):
+    """Modules draw random initial weights in their constructors. On the meta device that is wasted
+    work, and its meta kernel imports torch._dynamo, 2 s of a 5 s start on a busy CPU: skip it. Every
+    parameter is replaced by the checkpoint's tensor anyway."""
+    INITS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_", "xavier_normal_")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in self.INITS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def load_model(folder, dtype: torch.dtype = torch.float32, device="cpu"):
     """The model in `folder`, in `dtype` on `device`, in eval mode."""
     folder = Path(folder)
     cls, config = build_config(read_config(folder), where=str(folder / "config.json"))
-    with torch.device("meta"):
+    with torch.device("meta"), SkipRandomInit():
         model = cls(config)
     expected, aliases, ignore = checkpoint_names(model)
 
@@ -124,6 +140,9 @@ def load_model(folder, dtype: torch.dtype = torch.float32, device="cpu"):
                         raise LoadError(f"{path}: unexpected tensor {name} (not a parameter of "
                                         f"{cls.__name__} with this config.json)")
                     tensor = f.get_tensor(name)
+                    if not tensor.is_floating_point():  # .to(dtype) below would turn ints into weights silently
+                        raise LoadError(f"{path}: tensor {name} is {str(tensor.dtype).removeprefix('torch.')}; "
+                                        "minisink loads floating-point weights (fp32, fp16, bf16)")
                     want = tuple(expected[name].shape)
                     if tuple(tensor.shape) != want:
                         raise LoadError(f"{path}: expected tensor {name} of shape {want}, found {tuple(tensor.shape)}")

@@ -7,7 +7,9 @@
 2. The text becomes one token stream: its paragraphs, each followed by a newline token. The last
    `val_fraction` of the paragraphs is held out for evaluation.
 3. Training samples are random crops of `context` tokens from the stream, so a sample starts at an
-   arbitrary token, as in the paper's pre-training on the Pile. AdamW, linear warmup then cosine decay,
+   arbitrary token, as in the paper's pre-training on the Pile. With `--bos`, every sample is BOS
+   followed by the stream from the start of a random paragraph, as a stream in run.py begins: the
+   model then learns what follows BOS (the start of a story), not a crop that starts mid-word. AdamW, linear warmup then cosine decay,
    gradient clipping, an evaluation on the held-out crops every `eval_every` steps.
 4. The result is a Hugging Face folder (config.json, model.safetensors, tokenizer.model, README.md)
    that `minisink.load.load_model` and transformers' LlamaForCausalLM both load.
@@ -36,11 +38,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+if __name__ == "__main__":  # before torch: Ctrl-C while it imports exits 130 without a traceback
+    from minisink.cli import exit_on_interrupt
+    exit_on_interrupt("python -m minisink.train")
+
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from . import cli
 from .cache import DenseCache
 from .models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -76,6 +83,7 @@ class Recipe:
     seed: int = 0
     threads: int = 2               # results can depend on it: keep it fixed to reproduce a model
     sink_token: bool = False       # paper section 3.3: <sink> at position 0 of every sample
+    bos: bool = False              # BOS at position 0, then a paragraph's start (the default model uses it)
     save_dtype: str = "fp16"       # fp16 halves the file; evaluation and parity use the saved weights
 
 
@@ -83,8 +91,11 @@ class Recipe:
 
 def read_paragraphs(path) -> list[str]:
     """The text's paragraphs (blocks separated by blank lines), with inner newlines kept."""
-    text = Path(path).read_text(encoding="utf-8")
-    return [p.strip() for p in text.split("\n\n") if p.strip()]
+    paragraphs = [p.strip() for p in cli.read_text(path).split("\n\n") if p.strip()]
+    if len(paragraphs) < 2:
+        raise cli.UserError(f"{path}: {len(paragraphs)} paragraph(s); training needs at least two "
+                            "(the last ones are held out), separated by blank lines")
+    return paragraphs
 
 
 def split(paragraphs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
@@ -97,7 +108,7 @@ def train_tokenizer(paragraphs: list[str], vocab_size: int) -> bytes:
     """A serialized SentencePiece model. Settings follow Llama's tokenizer; determinism needs one
     thread and the sentences in order, all of them (no sampling, no shuffling)."""
     model = io.BytesIO()
-    with open(os.devnull, "w") as quiet:
+    with open(os.devnull, "w") as quiet, spm_errors(vocab_size):
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(paragraphs), model_writer=model, logstream=quiet,
             model_type="bpe", vocab_size=vocab_size, byte_fallback=True, character_coverage=0.9995,
@@ -108,6 +119,22 @@ def train_tokenizer(paragraphs: list[str], vocab_size: int) -> bytes:
             control_symbols=[SINK_PIECE],
             num_threads=1, shuffle_input_sentence=False, input_sentence_size=0, max_sentence_length=1 << 16)
     return model.getvalue()
+
+
+class spm_errors:
+    """SentencePiece's trainer reports a vocabulary that does not fit the text as a RuntimeError with
+    its C++ source line: keep the sentence that says what to change, as a UserError."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if kind is RuntimeError:
+            why = str(e).split("] ", 1)[-1]
+            raise cli.UserError(f"--vocab-size {self.vocab_size} does not fit this text: {why}") from None
 
 
 def newline_id(sp: spm.SentencePieceProcessor) -> int:
@@ -132,11 +159,21 @@ def decode(sp: spm.SentencePieceProcessor, ids: list[int]) -> str:
     return "\n".join(sp.decode(paragraphs + [current]))
 
 
+def paragraph_starts(data: torch.Tensor, nl: int, context: int) -> torch.Tensor:
+    """(P,) stream indices where a paragraph begins and a whole sample still fits after it."""
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), (data == nl).nonzero().flatten() + 1])
+    return starts[starts <= len(data) - context]
+
+
 def get_batch(data: torch.Tensor, batch_size: int, context: int, gen: torch.Generator,
-              sink_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random crops: inputs and next-token targets, (B, context) each."""
-    starts = torch.randint(0, len(data) - context, (batch_size,), generator=gen)
-    return crops(data, starts, context, sink_id)
+              sink_id: int | None = None, starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random crops: inputs and next-token targets, (B, context) each. `starts`: the indices a crop may
+    start at (paragraph starts, with --bos); default: any index."""
+    if starts is None:
+        picked = torch.randint(0, len(data) - context, (batch_size,), generator=gen)
+    else:
+        picked = starts[torch.randint(0, len(starts), (batch_size,), generator=gen)]
+    return crops(data, picked, context, sink_id)
 
 
 def crops(data: torch.Tensor, starts: torch.Tensor, context: int, sink_id: int | None = None):
@@ -145,7 +182,7 @@ def crops(data: torch.Tensor, starts: torch.Tensor, context: int, sink_id: int |
         x = torch.stack([data[s: s + context] for s in starts.tolist()])           # (B, context)
         y = torch.stack([data[s + 1: s + context + 1] for s in starts.tolist()])   # (B, context)
         return x, y
-    # <sink> takes position 0 and predicts the first stream token; the sample holds one stream token fewer
+    # <sink> (or BOS) takes position 0 and predicts the first stream token; the sample holds one stream token fewer
     x = torch.stack([data[s: s + context - 1] for s in starts.tolist()])           # (B, context-1)
     x = torch.cat([torch.full((len(starts), 1), sink_id), x], dim=1)               # (B, context)
     y = torch.stack([data[s: s + context] for s in starts.tolist()])               # (B, context)
@@ -189,12 +226,22 @@ def lr_at(step: int, r: Recipe) -> float:
     return r.min_lr + 0.5 * (r.lr - r.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def eval_starts(data: torch.Tensor, r: Recipe, nl: int) -> torch.Tensor:
+    """Where the held-out crops start: every `context` tokens, or with --bos the first paragraph
+    start at or after each of those, so evaluation sees what training sees."""
+    if not r.bos:
+        return torch.arange(min(r.eval_crops, (len(data) - 1) // r.context)) * r.context
+    picked = []
+    for s in paragraph_starts(data, nl, r.context).tolist():
+        if len(picked) < r.eval_crops and (not picked or s >= picked[-1] + r.context):
+            picked.append(s)
+    return torch.tensor(picked, dtype=torch.long)
+
+
 @torch.no_grad()
-def evaluate(model, data: torch.Tensor, r: Recipe, sink_id: int | None) -> float:
+def evaluate(model, data: torch.Tensor, r: Recipe, first_id: int | None, starts: torch.Tensor) -> float:
     """Mean next-token loss over fixed, non-overlapping crops of the held-out stream."""
-    n = min(r.eval_crops, (len(data) - 1) // r.context)
-    starts = torch.arange(n) * r.context
-    x, y = crops(data, starts, r.context, sink_id)
+    x, y = crops(data, starts, r.context, first_id)
     was_training = model.training
     model.eval()
     loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
@@ -263,7 +310,14 @@ def train(r: Recipe, text_path, out) -> tuple[LlamaForCausalLM, dict]:
     tokenizer = train_tokenizer(train_text, r.vocab_size)  # the held-out text is unseen
     sp = spm.SentencePieceProcessor(model_proto=tokenizer)
     train_data, val_data = encode_stream(sp, train_text), encode_stream(sp, val_text)
-    sink_id = sp.piece_to_id(SINK_PIECE) if r.sink_token else None
+    # the token every sample starts with: <sink>, BOS, or none (a plain crop)
+    first_id = sp.piece_to_id(SINK_PIECE) if r.sink_token else sp.bos_id() if r.bos else None
+    sink_id = first_id if r.sink_token else None
+    starts = paragraph_starts(train_data, newline_id(sp), r.context) if r.bos else None
+    val_starts = eval_starts(val_data, r, newline_id(sp))
+    if len(train_data) <= r.context or len(val_starts) == 0:
+        raise cli.UserError(f"{text_path}: too little text for --context {r.context}: {len(train_data)} training and "
+                            f"{len(val_data)} held-out tokens (each needs more than one sample of {r.context})")
 
     config = hf_config(r, sink_id)
     model = LlamaForCausalLM(LlamaConfig.from_dict(config))
@@ -281,10 +335,10 @@ def train(r: Recipe, text_path, out) -> tuple[LlamaForCausalLM, dict]:
     model.train()
     for step in range(r.steps):
         if step % r.eval_every == 0:
-            log["evals"].append((step, evaluate(model, val_data, r, sink_id)))
+            log["evals"].append((step, evaluate(model, val_data, r, first_id, val_starts)))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, r)
-        x, y = get_batch(train_data, r.batch_size, r.context, gen, sink_id)
+        x, y = get_batch(train_data, r.batch_size, r.context, gen, first_id, starts)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -300,11 +354,13 @@ def train(r: Recipe, text_path, out) -> tuple[LlamaForCausalLM, dict]:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.to(DTYPES[r.save_dtype]).float())
-    val = evaluate(model, val_data, r, sink_id)
+    val = evaluate(model, val_data, r, first_id, val_starts)
     log["evals"].append((r.steps, val))
-    prompt = ([sink_id] if sink_id is not None else []) + sp.encode("Once upon a time")
+    prompt = ([first_id] if first_id is not None else []) + sp.encode("Once upon a time")
     sample = decode(sp, sp.encode("Once upon a time") + greedy(model.eval(), prompt, 200))
-    log.update(params=n_params, val_loss=val, val_ppl=math.exp(val), sample=sample, train_tokens=len(train_data),
+    # what `python run.py --stream --temperature 0` starts with: the model's text after BOS alone
+    from_bos = decode(sp, greedy(model, [first_id], 60)) if r.bos else None
+    log.update(params=n_params, val_loss=val, val_ppl=math.exp(val), sample=sample, from_bos=from_bos, train_tokens=len(train_data),
                val_tokens=len(val_data), seconds=time.time() - t_start, cpu_seconds=time.process_time() - cpu_start, sink_token_id=sink_id,
                sha256=hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
     return model, log
@@ -318,7 +374,18 @@ def write_readme(r: Recipe, log: dict, text_path, out: Path, command: str) -> No
     sink = (f"Trained with a dedicated sink token: every training sample started with `<sink>` (id "
             f"{log['sink_token_id']}). Start every stream with it and keep it as the single sink (S=1)."
             if log["sink_token_id"] is not None else
+            "Trained without a sink token (vanilla). Every training sample is BOS followed by the token stream\n"
+            "from the start of a random paragraph, as a stream in run.py starts with BOS (`--bos`)."
+            if r.bos else
             "Trained without a sink token (vanilla): samples are random crops of the token stream.")
+    bos = ("BOS occurs only at\nposition 0 of every sample; EOS never occurs." if r.bos else
+           "BOS\nand EOS never occur in it.")
+    crops = (", each BOS then the text from the first paragraph start at or after every\n"
+             f"{r.context}th token, as training samples are (so not comparable with a model trained without --bos)"
+             if r.bos else "")
+    from_bos = ("" if log.get("from_bos") is None else
+                f"\n60 tokens after BOS alone (what `python run.py --stream --temperature 0` prints):\n\n"
+                f"```\n{log['from_bos']}\n```\n")
     (out / "README.md").write_text(f"""# {out.name}
 
 A {log['params'] / 1e6:.2f}M-parameter Llama trained from scratch by `minisink/train.py` on
@@ -326,8 +393,7 @@ A {log['params'] / 1e6:.2f}M-parameter Llama trained from scratch by `minisink/t
 {r.val_fraction:.0%} of the paragraphs). That file is the start of the TinyStories validation split
 (Eldan & Li 2023, CDLA-Sharing-1.0); it is not in this repository (see `../shared/assets/README.md`).
 {sink}
-The training stream is the text's paragraphs, each followed by the newline byte token `<0x0A>`; BOS
-and EOS never occur in it.
+The training stream is the text's paragraphs, each followed by the newline byte token `<0x0A>`; {bos}
 
 Loads with `minisink.load.load_model` and with transformers' `LlamaForCausalLM.from_pretrained`.
 Weights: `model.safetensors`, {r.save_dtype}, {size / 1e6:.2f} MB, sha256 `{log['sha256']}`.
@@ -338,7 +404,7 @@ Weights: `model.safetensors`, {r.save_dtype}, {size / 1e6:.2f} MB, sha256 `{log[
 {command}
 ```
 
-Seed {r.seed}, {r.threads} torch threads, torch {torch.__version__}, {platform.machine()} CPU
+Seed {r.seed}, {r.threads} torch thread{"s" if r.threads != 1 else ""}, torch {torch.__version__}, {platform.machine()} CPU
 (`{torch.backends.cpu.get_cpu_capability()}` kernels). Time: {log['seconds'] / 60:.1f} minutes wall-clock,
 {log['cpu_seconds'] / 60:.1f} CPU-minutes, tokenizer and evaluation included (wall-clock time depends on what
 else the machine is running). The same command, with the same text, thread count and torch build, gives a
@@ -352,7 +418,7 @@ round differently.
 ## Held-out loss
 
 Mean next-token cross-entropy (nats) on {r.eval_crops} non-overlapping held-out crops of {r.context}
-tokens; the last row is the saved ({r.save_dtype}) weights.
+tokens{crops}; the last row is the saved ({r.save_dtype}) weights.
 
 | step | val loss | val perplexity |
 |---|---|---|
@@ -367,13 +433,45 @@ Final: validation loss **{log['val_loss']:.4f}**, perplexity **{log['val_ppl']:.
 ```
 {log['sample']}
 ```
-""")
+{from_bos}""")
+
+
+def recipe_problem(r: Recipe) -> str | None:
+    """The first setting of `r` that cannot train, as `--flag: why`; None when all can."""
+    at_least = dict(vocab_size=VOCAB_MIN, dim=1, n_layers=1, n_heads=1, n_kv_heads=1, hidden_dim=1, context=2,
+                    steps=1, batch_size=1, warmup=0, eval_every=1, eval_crops=1, threads=1)
+    for name, low in at_least.items():
+        if getattr(r, name) < low:
+            return f"--{name.replace('_', '-')} must be >= {low}, got {getattr(r, name)}"
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        value = getattr(r, name)
+        if not (math.isfinite(value) and value >= 0) or (name in ("lr", "grad_clip") and value == 0):
+            return f"--{name.replace('_', '-')} must be a finite number {'> 0' if name in ('lr', 'grad_clip') else '>= 0'}, got {value}"
+    if not 0 < r.val_fraction < 1:
+        return f"--val-fraction must be between 0 and 1, got {r.val_fraction}"
+    if r.dim % r.n_heads or (r.dim // r.n_heads) % 2:
+        return f"--n-heads {r.n_heads} must divide --dim {r.dim} into heads of an even size (RoPE rotates pairs)"
+    if r.n_heads % r.n_kv_heads:
+        return f"--n-kv-heads {r.n_kv_heads} must divide --n-heads {r.n_heads} (each kv head serves a group of query heads)"
+    if r.save_dtype not in DTYPES:
+        return f"--save-dtype must be one of {', '.join(DTYPES)}, got {r.save_dtype!r}"
+    if r.sink_token and r.bos:
+        return "--sink-token and --bos both choose the first token of every sample: pick one"
+    return None
+
+
+# the 256 byte-fallback pieces, <unk>, <s>, </s> and <sink>, and at least one piece learned from the text
+VOCAB_MIN = 256 + 4 + 1
 
 
 def parse_args(argv=None) -> tuple[Recipe, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="python -m minisink.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--text", required=True, help="training text (UTF-8, paragraphs separated by blank lines)")
-    parser.add_argument("--out", required=True, help="folder to write the model to")
+    """The recipe and the paths, every one checked before any work: a bad flag exits 2, at once."""
+    parser = cli.Parser(prog="python -m minisink.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--text", required=True, type=cli.readable_file,
+                        help="training text: UTF-8 (reported with its byte offset if not), paragraphs separated by blank lines")
+    parser.add_argument("--out", required=True, type=cli.writable_folder,
+                        help="folder to write the model to (new or empty, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model files in an existing --out folder")
     for f in dataclasses.fields(Recipe):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
@@ -382,19 +480,28 @@ def parse_args(argv=None) -> tuple[Recipe, argparse.Namespace]:
             parser.add_argument(flag, type=type(f.default), default=f.default, help=f"default: {f.default}")
     args = parser.parse_args(argv)
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
-    if recipe.save_dtype not in DTYPES:
-        parser.error(f"--save-dtype must be one of {', '.join(DTYPES)}, got {recipe.save_dtype!r}")
+    problem = recipe_problem(recipe)
+    if problem:
+        parser.error(problem)
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
+        parser.error(f"--out {args.out} exists and is not empty: pass --overwrite to replace its model files")
     return recipe, args
 
 
-def main(argv=None):
+def run(argv=None) -> int:
     recipe, args = parse_args(argv)
+    read_paragraphs(args.text)  # the text is UTF-8 and has paragraphs: checked before any training
     _, log = train(recipe, args.text, args.out)
     command = "python -m minisink.train " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     write_readme(recipe, log, args.text, Path(args.out), command)
     print(f"val loss {log['val_loss']:.4f} (perplexity {log['val_ppl']:.2f}) after {log['seconds']:.0f}s; "
           f"wrote {args.out}\n{log['sample']}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli.main("python -m minisink.train", run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

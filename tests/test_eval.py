@@ -194,20 +194,24 @@ def test_cli_writes_csv_png_and_tables(tmp_path):
 def test_cli_missing_file_is_one_line_and_exit_1(tmp_path):
     r = cli("--model", STORIES, "--text", "no/such/file.txt", "--out", tmp_path)
     assert r.returncode == 1
-    assert r.stderr == "minisink.eval: error: no/such/file.txt: no such file\n"
+    assert r.stderr == "python -m minisink.eval: error: no/such/file.txt: no such file\n"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--policy", "sink,bogus"], "unknown policy 'bogus'; choose from dense, window, sink, recompute"),
-    (["--sweep-sinks", "0,64"], "--sweep-sinks: 64 sinks leave no window in a cache of 64"),
-    (["--tokens", "1"], "--tokens must be at least 2"),
-    (["--dtype", "fp8"], "--dtype 'fp8': choose one of"),
-    (["--model", "/nonexistent"], "/nonexistent: no config.json"),
+@pytest.mark.parametrize("args, message, code", [
+    (["--policy", "sink,bogus"], "unknown policy 'bogus'; choose from dense, window, sink, recompute", 2),
+    (["--sweep-sinks", "0,64"], "--sweep-sinks: 64 sinks leave no window in a cache of 64", 2),
+    (["--tokens", "1"], "--tokens must be at least 2", 2),
+    (["--dtype", "fp8"], "--dtype 'fp8': choose one of", 2),
+    (["--model", "/nonexistent"], "/nonexistent: no such folder", 1),
 ])
-def test_user_errors_are_one_line(tmp_path, capsys, args, message):
+def test_user_errors_are_one_line(tmp_path, capsys, args, message, code):
     base = {"--model": str(STORIES), "--text": __file__, "--out": str(tmp_path), "--window-size": "60"}
     base.update(zip(args[::2], args[1::2]))
-    assert ev.main([x for kv in base.items() for x in kv]) == 1
+    try:
+        got = ev.main([x for kv in base.items() for x in kv])
+    except SystemExit as e:  # a usage error exits from argparse
+        got = e.code
+    assert got == code
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
 
@@ -216,7 +220,7 @@ def test_main_reads_stdin_without_tqdm_or_matplotlib(tmp_path, monkeypatch, caps
     need_assets(STORIES)
     monkeypatch.setitem(sys.modules, "tqdm", None)        # import fails: plain progress line
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails: no PNG, a note
-    monkeypatch.setattr(sys, "stdin", io.StringIO("Once upon a time, there was a little cat. " * 20))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Once upon a time, there was a little cat. " * 20)))
     code = ev.main(["--model", str(STORIES), "--text", "-", "--tokens", "80", "--policy", "window,sink",
                     "--sink-size", "2", "--window-size", "14", "--out", str(tmp_path)])
     out, err = capsys.readouterr()

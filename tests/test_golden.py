@@ -155,16 +155,47 @@ def test_make_is_bit_for_bit_stable(tmp_path):
     assert all((made[k] - committed[k]).abs().max() < 1e-4 for k in made if k != "tokens")
 
 
-def test_regenerate_is_one_command_and_repeats_itself(tmp_path, capsys):
+def test_regenerate_is_one_command_and_writes_only_when_asked(tmp_path, capsys):
     shutil.copytree(GOLDEN / LLAMA, tmp_path / LLAMA)
+    golden_file = tmp_path / LLAMA / "golden.safetensors"
+    tensors = golden.load_case(tmp_path / LLAMA).golden()
+    tensors["decode_logits"][0, 0] += 1e-3  # as if minisink's numerics had moved since the case was made
+    save_file(tensors, str(golden_file), metadata={"format": golden.FORMAT})
+    moved = golden_file.read_bytes()
     assert golden.main(["regenerate", str(tmp_path)]) == 0     # a folder of cases, like tests/golden
     out = capsys.readouterr().out
-    assert out.startswith(f"{LLAMA}: ") and "TOKENS CHANGED" not in out
-    once = (tmp_path / LLAMA / "golden.safetensors").read_bytes()
-    assert golden.main(["regenerate", str(tmp_path / LLAMA)]) == 0
+    assert out.startswith(f"{LLAMA}: would change (pass --write") and "decode_logits max|Δ| 1.00e-03" in out
+    assert golden_file.read_bytes() == moved                   # a report, nothing written
+    assert golden.main(["regenerate", "--write", str(tmp_path)]) == 0
+    assert f"{LLAMA}: rewritten; tokens unchanged" in capsys.readouterr().out
+    once = golden_file.read_bytes()
+    assert golden.main(["regenerate", "--write", str(tmp_path / LLAMA)]) == 0
     assert f"{LLAMA}: unchanged, bit for bit" in capsys.readouterr().out
-    assert (tmp_path / LLAMA / "golden.safetensors").read_bytes() == once
+    assert golden_file.read_bytes() == once
     assert golden.main(["check", str(tmp_path / LLAMA)]) == 0
+
+
+def test_regenerate_skips_a_case_without_its_model_and_touches_nothing_if_one_fails(tmp_path, capsys):
+    """A fresh clone without ../shared: the stories case is skipped with a message, the others are
+    rebuilt. A case that cannot be rebuilt stops the command before any file is written."""
+    for name in (LLAMA, "stories260K-s4-w20"):
+        shutil.copytree(GOLDEN / name, tmp_path / name)
+    case = json.loads((tmp_path / "stories260K-s4-w20" / "case.json").read_text())
+    case["model"]["source"] = "no/such/model"
+    (tmp_path / "stories260K-s4-w20" / "case.json").write_text(json.dumps(case))
+    assert golden.main(["regenerate", "--write", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{LLAMA}: unchanged" in out and "SKIP stories260K-s4-w20: its model is not at" in out
+    (tmp_path / LLAMA / "model" / "config.json").write_text('{"model_type": "llama"}')  # cannot be rebuilt
+    neox = tmp_path / "gpt_neox-s1-w7"   # sorted before llama: rebuilt first, and it would change
+    shutil.copytree(GOLDEN / neox.name, neox)
+    tensors = golden.load_case(neox).golden()
+    tensors["decode_logits"][0, 0] += 1e-3
+    save_file(tensors, str(neox / "golden.safetensors"), metadata={"format": golden.FORMAT})
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert golden.main(["regenerate", "--write", str(tmp_path)]) == 2
+    assert "llama-gqa-s4-w12/model/config.json: sha256" in capsys.readouterr().err
+    assert all(p.read_bytes() == data for p, data in before.items())
 
 
 def test_weights_that_differ_are_refused(tmp_path, capsys):

@@ -74,7 +74,7 @@ def test_stream_greedy_reproduces_llama2c_golden_text():
     summary = summary_of(result.stderr)
     assert "200 tokens generated; time to first token" in summary and "(1 prompt token)" in summary
     assert "tok/s" in summary and "ms/token" in summary
-    assert "GB/s of weights read" in summary and "cache 200/512 slots (sink, S=4 W=508)" in summary
+    assert "GB/s of weights read" in summary and "cache 200/512 slots, 0 evicted (sink, S=4 W=508)" in summary
 
 
 def test_fresh_clone_streams_english_offline_with_the_default_model(tmp_path):
@@ -137,7 +137,8 @@ def test_stream_tiny_random_checkpoint(arch, tmp_path):
     new = [int(t) for t in stream.generate(torch.tensor([[tokenizer.bos_id] + prompt]), max_new_tokens=40)]
     assert result.stdout == tokenizer.decode(prompt + new) + "\n"
     assert result.stdout.startswith("Hello, world")
-    assert "cache 32/32 slots (sink, S=4 W=28)" in summary_of(result.stderr)  # over 32 tokens: evicting
+    # over 32 tokens: evicting. Fed: BOS, the prompt and 39 of the 40 new tokens (the last is never fed)
+    assert f"cache 32/32 slots, {1 + len(prompt) + 39 - 32} evicted (sink, S=4 W=28)" in summary_of(result.stderr)
 
 
 # -------------------------------------------------------------------------------------------- chat
@@ -210,11 +211,54 @@ def test_chat_uses_the_checkpoints_own_template(tmp_path):
 
 def test_chat_from_piped_stdin(monkeypatch, capsys):
     need_assets(STORIES)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\n\nhow are you\n"))  # not a TTY: piped
+    piped = io.TextIOWrapper(io.BytesIO(b"hello there\n\nhow are you\n"), encoding="utf-8")  # not a TTY
+    monkeypatch.setattr(sys, "stdin", piped)
     assert run.main(["--model", str(STORIES), "--max-new-tokens", "5", "--seed", "1"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("USER: hello there\nASSISTANT: ") and "\nUSER: how are you\nASSISTANT: " in out
     assert "2 turns" in summary_of(err)
+
+
+def test_one_piped_turn_is_one_turn(monkeypatch, capsys):
+    need_assets(STORIES)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"hello\n")))
+    assert run.main(["--model", str(STORIES), "--max-new-tokens", "3", "--seed", "1"]) == 0
+    assert summary_of(capsys.readouterr().err).startswith("run.py: 1 turn, 3 tokens generated")
+
+
+def test_typed_chat_banner_empty_line_and_bad_utf8(monkeypatch):
+    """At a terminal: a banner says how to quit; an empty line or one that is not UTF-8 gets a hint
+    and the prompt again, instead of a turn or a crash."""
+    answers = iter(["", UnicodeDecodeError("utf-8", b"caf\xe9", 3, 4, "invalid"), "hi", EOFError()])
+
+    def typed(prompt):
+        answer = next(answers)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+    monkeypatch.setattr("builtins.input", typed)
+    out = io.StringIO()
+    assert list(run.typed_or_piped_turns(True, out)) == ["hi"]
+    lines = out.getvalue().splitlines()
+    assert "Ctrl-D" in lines[0] and "quits" in lines[0]
+    assert lines[1] == "(empty message: type something, or Ctrl-D to quit)"
+    assert lines[2] == "(that line is not UTF-8: byte 0xe9 at offset 3; type it again)"
+
+
+def test_status_waits_for_the_end_of_a_line_on_a_shared_terminal(monkeypatch):
+    """stdout and stderr on one terminal: the status is drawn only at the start of a line of text,
+    and wiped before the next text, so the two never interleave."""
+    fake = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", fake)
+    status = run.StatusLine(False)
+    status.enabled = status.shared = True
+    status.before_text("Once upon a")          # mid-line: no status
+    assert not status.due()
+    status.before_text(" time.\n")              # the line ended: the status may show
+    assert status.due()
+    status.show("[5 tokens]")
+    status.before_text("Lily")                 # wiped before the text continues
+    assert fake.getvalue() == "\r\x1b[2K[5 tokens]\r\x1b[2K" and not status.due()
 
 
 def test_stop_text_never_prints_a_stop_string():
@@ -251,7 +295,7 @@ def test_ctrl_c_ends_an_endless_stream_with_a_summary_and_status_line():
     os.close(master)
     err = err.decode()
     assert proc.returncode == 0 and "Traceback" not in err, err
-    assert re.search(r"\[[\d,]+ tokens \| cache \d+/12 slots \| [\d.,]+ tok/s \| RSS [\d,]+ MB\]", err), err
+    assert re.search(r"\[[\d,]+ tokens \| cache \d+/12 slots, [\d,]+ evicted \| [\d.,]+ tok/s \| RSS [\d,]+ MB\]", err), err
     summary = err.rsplit("\x1b[2K", 1)[-1].strip()  # after the status line is cleared
     assert summary.startswith("run.py: interrupted: ") and "cache 12/12 slots" in summary, summary
 

@@ -72,10 +72,24 @@ def test_sink_token_option_is_recorded_and_used(text, tmp_path):
     assert "minisink_sink_token_id" not in json.loads((vanilla / "config.json").read_text())
 
 
-def test_command_line_flags_follow_the_recipe():
-    recipe, args = train.parse_args(["--text", "t.txt", "--out", "o", "--sink-token", "--steps", "7", "--lr", "0.01"])
-    assert (recipe.sink_token, recipe.steps, recipe.lr, args.out) == (True, 7, 0.01, "o")
-    assert train.parse_args(["--text", "t", "--out", "o"])[0] == train.Recipe()
+def test_command_line_flags_follow_the_recipe(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("One.\n\nTwo.\n")
+    recipe, args = train.parse_args(["--text", str(text), "--out", str(tmp_path / "o"), "--sink-token", "--steps", "7",
+                                     "--lr", "0.01"])
+    assert (recipe.sink_token, recipe.steps, recipe.lr, args.out) == (True, 7, 0.01, tmp_path / "o")
+    assert train.parse_args(["--text", str(text), "--out", str(tmp_path / "o")])[0] == train.Recipe()
+    assert not (tmp_path / "o").exists()  # parsing checks where it will write, and writes nothing
+
+
+def test_bos_samples_start_with_bos_at_a_paragraph_start():
+    nl = 0
+    data = torch.tensor([5, 6, nl, 7, 8, 9, nl, 10, 11, nl, 12, 13, 14, 15, nl])
+    starts = train.paragraph_starts(data, nl, context=3)
+    assert starts.tolist() == [0, 3, 7, 10]   # after every newline, where 3 targets still fit
+    x, y = train.get_batch(data, 64, 3, torch.Generator().manual_seed(0), 1, starts)
+    assert (x[:, 0] == 1).all() and torch.equal(x[:, 1:], y[:, :-1])
+    assert all(int(t) in (5, 7, 10, 12) for t in y[:, 0])  # BOS predicts a paragraph's first token
 
 
 def test_default_model_is_small_and_matches_transformers():
@@ -89,3 +103,23 @@ def test_default_model_is_small_and_matches_transformers():
     ids = torch.tensor([sp.encode("Once upon a time, there was a little girl named Lily. She loved to play")])
     with torch.no_grad():
         assert torch.allclose(ours(ids), theirs(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_default_model_starts_its_stream_with_a_sentence(seed):
+    """`python run.py --stream --seed N` (BOS alone, run.py's sampling): the first 20 tokens start a
+    sentence. Concretely: the first token begins a word (its piece starts with "▁": no fragment of a
+    word before it), the text starts with a capital letter or a quote, and it has at least 3 words.
+    The model before the --bos retraining started mid-word, e.g. "ing to the park"."""
+    import sys
+    sys.path.insert(0, str(REPO))
+    import run
+    args = run.parse_args(["--stream", "--max-new-tokens", "20", "--seed", str(seed), "--no-status"])
+    demo, first_ids, _ = run.make_demo(args)
+    assert first_ids == [demo.tok.bos_id]
+    tokens = [int(t) for t in demo.stream.generate(torch.tensor([first_ids]), max_new_tokens=20, **demo.sample)]
+    sp = spm.SentencePieceProcessor(model_file=str(DEFAULT_MODEL / "tokenizer.model"))
+    text = sp.decode(tokens)
+    assert sp.id_to_piece(tokens[0]).startswith("\u2581"), (sp.id_to_piece(tokens[0]), text)
+    assert text[0].isupper() or text[0] in "\"'", text
+    assert len(text.split()) >= 3, text

@@ -1,4 +1,4 @@
-"""python -m minisink.bench [decode|gpu|tokenizer|eval|all] [options of that benchmark]
+"""python -m minisink.bench [decode|gpu|tokenizer|eval|startup|all] [options of that benchmark]
 
 Each benchmark is a module of this package with a `main(argv)`; `python -m minisink.bench NAME -h`
 lists its options. `all` runs every benchmark with its defaults, one after another. Modules are
@@ -13,6 +13,7 @@ BENCHMARKS = {
     "gpu": "real 7B shapes past a full cache: eager, compiled, recompute; tok/s and GB/s (scaled down on CPU)",
     "tokenizer": "minisink's BPE encoder next to HF tokenizers",
     "eval": "chunked streaming evaluation vs token by token",
+    "startup": "the first README command in a fresh copy: time to first token and tok/s (median of 5)",
 }
 
 

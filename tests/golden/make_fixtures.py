@@ -1,6 +1,7 @@
 """Make the committed golden cases from scratch: tiny seeded models, their inputs, their outputs.
 
-    python tests/golden/make_fixtures.py            # from the repo root; rewrites every case
+    python tests/golden/make_fixtures.py            # makes every case in a temporary folder: says what differs
+    python tests/golden/make_fixtures.py --write    # rewrites the committed cases (after the above)
 
 Each tiny case folder gets model/config.json and model/model.safetensors: a random model of one
 architecture, its weights drawn from a seeded generator, so this script rewrites the same bytes
@@ -11,10 +12,13 @@ stories260K (a real trained Llama) lives in ../shared/assets, not in the reposit
 the sha256 of its files and is made only when the assets are there.
 
 To re-record the outputs of existing cases after a deliberate change to minisink's numerics, without
-touching weights or inputs: `python -m minisink.golden regenerate`.
+touching weights or inputs: `python -m minisink.golden regenerate --write`.
 """
+import argparse
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -97,31 +101,67 @@ def write_model(folder: Path, config: dict, seed: int) -> None:
     save_file(random_weights(config, seed), str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def main() -> None:
+def make_all(dest: Path) -> list[str]:
+    """Make every case under `dest`; returns the names made."""
     torch.set_num_threads(1)  # the same kernels, in the same order, whatever machine makes them
+    made = []
     for i, (name, config) in enumerate(TINY.items()):
         S, W, P, N, C, chunk, seed = STREAMS[name]
-        write_model(HERE / name / "model", config, seed)
+        write_model(dest / name / "model", config, seed)
         g = torch.Generator().manual_seed(2000 + i)
         ids = torch.randint(0, VOCAB, (P + C,), generator=g).tolist()
-        case = golden.make(HERE / name / "model", HERE / name, prompt=ids[:P], continuation=ids[P:], steps=N,
-                           sink_size=S, window_size=W, prefill_chunk=chunk, name=name,
-                           description=f"tiny random {config['model_type']} (seed {seed}), random ids "
-                                       f"(seed {2000 + i}); made by tests/golden/make_fixtures.py")
-        print(f"{case.folder.relative_to(REPO)}: S={S} W={W}, prompt {P}, {N} steps, continuation {C}")
+        golden.make(dest / name / "model", dest / name, prompt=ids[:P], continuation=ids[P:], steps=N,
+                    sink_size=S, window_size=W, prefill_chunk=chunk, name=name,
+                    description=f"tiny random {config['model_type']} (seed {seed}), random ids "
+                                f"(seed {2000 + i}); made by tests/golden/make_fixtures.py")
+        print(f"{name}: S={S} W={W}, prompt {P}, {N} steps, continuation {C}")
+        made.append(name)
     if not STORIES.exists():
-        print(f"skipped stories260K: {STORIES} not found")
-        return
+        print(f"SKIP stories260K-s4-w20: {STORIES} not found")
+        return made
     from minisink.tokenizer import load_tokenizer
     tok = load_tokenizer(STORIES)
     ids = tok.encode(STORIES_TEXT.read_text(encoding="utf-8")[:4000], bos=True)
     P, C = 56, 56
-    case = golden.make(STORIES, HERE / "stories260K-s4-w20", prompt=ids[:P], continuation=ids[P:P + C], steps=40,
-                       sink_size=4, window_size=20, name="stories260K-s4-w20",
-                       description="stories260K (a real trained Llama, not committed: ../shared/assets); BOS + "
-                                   "the start of tinystories_val_sample.txt; made by tests/golden/make_fixtures.py")
-    print(f"{case.folder.relative_to(REPO)}: S=4 W=20, prompt {P}, 40 steps, continuation {C}")
+    golden.make(STORIES, dest / "stories260K-s4-w20", prompt=ids[:P], continuation=ids[P:P + C], steps=40,
+                sink_size=4, window_size=20, name="stories260K-s4-w20",
+                description="stories260K (a real trained Llama, not committed: ../shared/assets); BOS + "
+                            "the start of tinystories_val_sample.txt; made by tests/golden/make_fixtures.py")
+    print(f"stories260K-s4-w20: S=4 W=20, prompt {P}, 40 steps, continuation {C}")
+    return made + ["stories260K-s4-w20"]
+
+
+def differences(made: Path, committed: Path) -> list[str]:
+    """The files of case folder `made` whose bytes differ from `committed`'s (case.json compared
+    without the model's source path, which is relative to where the case lives)."""
+    out = []
+    for file in sorted(p.relative_to(made) for p in made.rglob("*") if p.is_file()):
+        new, old = made / file, committed / file
+        if file.name == "case.json" and old.is_file():
+            a, b = json.loads(new.read_text()), json.loads(old.read_text())
+            a["model"].pop("source"), b["model"].pop("source")
+            same = a == b
+        else:
+            same = old.is_file() and new.read_bytes() == old.read_bytes()
+        if not same:
+            out.append(str(file))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="rewrite the committed cases in tests/golden")
+    args = parser.parse_args(argv)
+    if args.write:
+        make_all(HERE)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="minisink-golden-") as tmp:
+        changed = {name: differences(Path(tmp) / name, HERE / name) for name in make_all(Path(tmp))}
+    for name, files in changed.items():
+        print(f"{name}: {'same bytes as committed' if not files else 'differs in ' + ', '.join(files)}")
+    print("nothing written" + ("; pass --write to rewrite the committed cases" if any(changed.values()) else ""))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

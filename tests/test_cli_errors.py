@@ -1,0 +1,282 @@
+"""Every bad input, through the real command lines (issue 17): one clear line, nothing written.
+
+Each case runs `python run.py ...`, `python -m minisink.eval ...`, `python -m minisink.golden ...` or
+`python -m minisink.train ...` as a subprocess, from the repository root as a user would, and checks
+the contract of minisink/cli.py:
+
+    the exit code (1: a file, a model, the input; 2: the command line; 130: Ctrl-C)
+    exactly one line on stderr, no traceback, and the bad value named in it
+    no file created or modified, in the repository or beside the inputs
+
+Every case fails before a model is loaded where it can, so each costs about one `import torch`.
+The cases run four at a time (most of that cost is waiting for the disk and a busy CPU); the files
+are compared once before the first and once after the last, so a write by any case fails them all.
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import REPO
+
+DEFAULT_MODEL = REPO / "minisink" / "checkpoints" / "tinystories-1m"
+TINY_CASE = REPO / "tests" / "golden" / "llama-gqa-s4-w12"
+PROGRAMS = {"run": [str(REPO / "run.py")], "eval": ["-m", "minisink.eval"], "golden": ["-m", "minisink.golden"],
+            "train": ["-m", "minisink.train"]}
+PROG = {"run": "run.py", "eval": "python -m minisink.eval", "golden": "python -m minisink.golden",
+        "train": "python -m minisink.train"}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """Bad (and a few good) inputs, made once: broken models, broken text, a file where a folder goes."""
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "bad.txt").write_bytes(b"Once upon a time\n\nthere was a cat\xff\xfe that sang.\n")
+    (d / "empty.txt").write_bytes(b"")
+    (d / "empty.jsonl").write_text("\n\n")
+    (d / "bad.jsonl").write_bytes(b'{"turns": ["caf\xe9"]}\n')
+    (d / "story.txt").write_text("Once upon a time there was a cat.\n\nThe cat sang all day.\n")
+    (d / "a-file").write_text("not a folder\n")
+    (d / "full").mkdir()
+    (d / "full" / "kept.txt").write_text("already here\n")
+    weights = load_file(DEFAULT_MODEL / "model.safetensors")
+    for name, edit in [("nan", lambda w: torch.full_like(w, float("nan"))), ("int32", lambda w: w.to(torch.int32)),
+                       ("list", None)]:
+        model = d / f"model-{name}"
+        model.mkdir()
+        for f in ("config.json", "tokenizer.model"):
+            shutil.copy(DEFAULT_MODEL / f, model / f)
+        if edit is None:
+            (model / "config.json").write_text("[\"not\", \"an\", \"object\"]\n")
+            shutil.copy(DEFAULT_MODEL / "model.safetensors", model / "model.safetensors")
+        else:
+            save_file({k: edit(w) for k, w in weights.items()}, str(model / "model.safetensors"))
+    return d
+
+
+def snapshot(*folders) -> dict:
+    """(size, mtime) of every file under the folders (the repository's .git and caches aside)."""
+    files = {}
+    for folder in folders:
+        for root, dirs, names in os.walk(folder):
+            dirs[:] = [x for x in dirs if x not in (".git", "__pycache__", ".pytest_cache", ".hypothesis")]
+            for name in names:
+                st = os.stat(os.path.join(root, name))
+                files[os.path.join(root, name)] = (st.st_size, st.st_mtime_ns)
+    return files
+
+
+def command(program: str, args: list) -> list[str]:
+    return [sys.executable, *PROGRAMS[program], *map(str, args)]
+
+
+ENV = {**{k: v for k, v in os.environ.items() if k != "HF_TOKEN"},
+       "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8", "HF_HUB_OFFLINE": "1"}
+
+# (program, arguments ({i}: the inputs folder), stdin bytes, exit code, what the one line must name)
+CASES = {
+    # run.py: sampling and threads
+    "run top-p 0": ("run", ["--stream", "--top-p", "0"], None, 2, "--top-p: must be > 0 and <= 1 (1 keeps every token), got 0"),
+    "run top-p negative": ("run", ["--stream", "--top-p", "-0.5"], None, 2, "got -0.5"),
+    "run top-p above 1": ("run", ["--stream", "--top-p", "2"], None, 2, "--top-p: must be > 0 and <= 1 (1 keeps every token), got 2"),
+    "run temperature nan": ("run", ["--stream", "--temperature", "nan"], None, 2, "--temperature: must be a finite number, got 'nan'"),
+    "run temperature inf": ("run", ["--stream", "--temperature", "inf"], None, 2, "got 'inf'"),
+    "run temperature negative": ("run", ["--stream", "--temperature", "-1"], None, 2, "--temperature: must be >= 0 (0 is greedy), got -1"),
+    "run temperature not a number": ("run", ["--stream", "--temperature", "hot"], None, 2, "got 'hot'"),
+    "run threads 0": ("run", ["--stream", "--threads", "0"], None, 2, "--threads: must be >= 1, got 0"),
+    "run threads negative": ("run", ["--stream", "--threads", "-1"], None, 2, "--threads: must be >= 1, got -1"),
+    "run top-k 0": ("run", ["--stream", "--top-k", "0"], None, 2, "--top-k must be >= 1, got 0"),
+    "run sink-size negative": ("run", ["--stream", "--sink-size", "-1"], None, 2, "--sink-size must be >= 0, got -1"),
+    "run window-size 0": ("run", ["--stream", "--window-size", "0"], None, 2, "--window-size must be >= 1, got 0"),
+    "run max-new-tokens 0": ("run", ["--stream", "--max-new-tokens", "0"], None, 2, "--max-new-tokens must be >= 1, got 0"),
+    "run unknown policy": ("run", ["--stream", "--policy", "lru"], None, 2, "'lru'"),
+    "run unknown flag": ("run", ["--stream", "--sinks", "4"], None, 2, "--sinks"),
+    # run.py: devices
+    "run device mps": ("run", ["--stream", "--device", "mps"], None, 2, "--device: mps: this PyTorch has no MPS"),
+    "run device cuda": ("run", ["--stream", "--device", "cuda"], None, 2, "--device: cuda: this PyTorch sees no CUDA GPU"),
+    "run device cuda:7": ("run", ["--stream", "--device", "cuda:7"], None, 2, "cuda:7"),
+    "run device nonsense": ("run", ["--stream", "--device", "gpu0"], None, 2, "'gpu0' is not a device"),
+    # run.py: models
+    "run revision with the default model": ("run", ["--stream", "--revision", "main"], None, 2, "--revision main"),
+    "run revision with a local folder": ("run", ["--model", "{i}/model-nan", "--revision", "refs/pr/1"], None, 2,
+                                         "{i}/model-nan is a local folder"),
+    "run model is a file": ("run", ["--model", "{i}/a-file", "--stream"], None, 1, "{i}/a-file is a file"),
+    "run model folder missing": ("run", ["--model", "{i}/no/such", "--stream"], None, 1, "{i}/no/such: no such folder"),
+    "run config.json is a list": ("run", ["--model", "{i}/model-list", "--stream"], None, 1,
+                                  "{i}/model-list/config.json: expected a JSON object of settings, found a JSON list"),
+    "run int32 weights": ("run", ["--model", "{i}/model-int32", "--stream"], None, 1, "model.embed_tokens.weight is int32"),
+    "run all-NaN weights": ("run", ["--model", "{i}/model-nan", "--stream"], None, 1,
+                            "{i}/model-nan: its first logits are NaN or infinite"),
+    "run fp16 on CPU": ("run", ["--stream", "--device", "cpu", "--dtype", "fp16"], None, 1, "--dtype fp16 is refused on CPU"),
+    # run.py: text
+    "run prompt not UTF-8": ("run", ["--stream", "--prompt", os.fsdecode(b"caf\xe9")], None, 2,
+                             "--prompt: not valid UTF-8: byte 0xe9 at offset 3"),
+    "run prompts file missing": ("run", ["--prompts", "{i}/no-such.jsonl"], None, 1, "{i}/no-such.jsonl: no such file"),
+    "run prompts file empty": ("run", ["--prompts", "{i}/empty.jsonl"], None, 1, "--prompts {i}/empty.jsonl: no turns"),
+    "run prompts file not UTF-8": ("run", ["--prompts", "{i}/bad.jsonl"], None, 1,
+                                   "--prompts {i}/bad.jsonl: not valid UTF-8: byte 0xe9 at offset 15"),
+    "run prompts with stream": ("run", ["--stream", "--prompts", "{i}/empty.jsonl"], None, 2, "--stream and --prompts"),
+    "run piped chat line not UTF-8": ("run", ["--max-new-tokens", "2"], b"Hello\nthe cat\xff sang\n", 1,
+                                      "stdin line 2: not valid UTF-8: byte 0xff at offset 7"),
+    # eval
+    "eval device cuda": ("eval", ["--model", DEFAULT_MODEL, "--text", "{i}/story.txt", "--out", "{i}/out", "--device", "cuda"],
+                         None, 2, "--device: cuda: this PyTorch sees no CUDA GPU"),
+    "eval device mps": ("eval", ["--model", DEFAULT_MODEL, "--text", "{i}/story.txt", "--out", "{i}/out", "--device", "mps"],
+                        None, 2, "mps"),
+    "eval fp16 on CPU": ("eval", ["--model", DEFAULT_MODEL, "--text", "{i}/story.txt", "--out", "{i}/out", "--dtype", "fp16"],
+                         None, 1, "--dtype fp16 is refused on CPU"),
+    "eval text missing": ("eval", ["--model", DEFAULT_MODEL, "--text", "{i}/no-such.txt", "--out", "{i}/out"], None, 1,
+                          "{i}/no-such.txt: no such file"),
+    "eval text not UTF-8": ("eval", ["--model", DEFAULT_MODEL, "--text", "{i}/bad.txt", "--out", "{i}/out"], None, 1,
+                            "{i}/bad.txt: not valid UTF-8: byte 0xff at offset 33 (line 3)"),
+    "eval stdin not UTF-8": ("eval", ["--model", DEFAULT_MODEL, "--text", "-", "--out", "{i}/out"], b"ok \xc3(", 1,
+                             "stdin: not valid UTF-8: byte 0xc3 at offset 3"),
+    "eval out is a file": ("eval", ["--model", DEFAULT_MODEL, "--text", "{i}/story.txt", "--out", "{i}/a-file"], None, 1,
+                           "{i}/a-file: exists and is not a folder"),
+    "eval out required": ("eval", ["--model", DEFAULT_MODEL, "--text", "{i}/story.txt"], None, 2, "--out"),
+    "eval unknown short name": ("eval", ["--model", "pythia-7b", "--text", "{i}/story.txt", "--out", "{i}/out"], None, 1,
+                                "unknown model name 'pythia-7b'"),
+    "eval config.json is a list": ("eval", ["--model", "{i}/model-list", "--text", "{i}/story.txt", "--out", "{i}/out"],
+                                   None, 1, "found a JSON list"),
+    "eval tokens 1": ("eval", ["--model", DEFAULT_MODEL, "--text", "{i}/story.txt", "--out", "{i}/out", "--tokens", "1"],
+                      None, 2, "--tokens must be at least 2"),
+    "eval unknown policy": ("eval", ["--model", DEFAULT_MODEL, "--text", "{i}/story.txt", "--out", "{i}/out",
+                                     "--policy", "sink,lru"], None, 2, "unknown policy 'lru'"),
+    # golden (its documented convention: exit 2 for unusable input, 1 is a failed check)
+    "golden make window 0": ("golden", ["make", "--model", TINY_CASE / "model", "--out", "{i}/case", "--window-size", "0"],
+                             None, 2, "--window-size: must be >= 1, got 0"),
+    "golden make out unwritable": ("golden", ["make", "--model", TINY_CASE / "model", "--out", "{i}/a-file/case"], None, 2,
+                                   "{i}/a-file/case: cannot be created, {i}/a-file is not a folder"),
+    "golden make threads 0": ("golden", ["make", "--model", TINY_CASE / "model", "--out", "{i}/case", "--threads", "0"],
+                              None, 2, "--threads: must be >= 1, got 0"),
+    "golden make steps 0": ("golden", ["make", "--model", TINY_CASE / "model", "--out", "{i}/case", "--steps", "0"],
+                            None, 2, "--steps: must be >= 1, got 0"),
+    "golden make text not UTF-8": ("golden", ["make", "--model", DEFAULT_MODEL, "--out", "{i}/case", "--text", "{i}/bad.txt"],
+                                   None, 2, "{i}/bad.txt: not valid UTF-8: byte 0xff at offset 33"),
+    "golden make config.json is a list": ("golden", ["make", "--model", "{i}/model-list", "--out", "{i}/case"], None, 2,
+                                          "found a JSON list"),
+    "golden check no case": ("golden", ["check", "{i}/full"], None, 2, "no case.json in {i}/full"),
+    "golden regenerate no case": ("golden", ["regenerate", "{i}/full"], None, 2, "no case.json in {i}/full"),
+    # train: all of it before any training
+    "train text missing": ("train", ["--text", "{i}/no-such.txt", "--out", "{i}/model"], None, 1, "{i}/no-such.txt: no such file"),
+    "train text empty": ("train", ["--text", "{i}/empty.txt", "--out", "{i}/model"], None, 1, "{i}/empty.txt: 0 paragraph(s)"),
+    "train text not UTF-8": ("train", ["--text", "{i}/bad.txt", "--out", "{i}/model"], None, 1,
+                             "{i}/bad.txt: not valid UTF-8: byte 0xff at offset 33 (line 3)"),
+    "train vocab-size 10": ("train", ["--text", "{i}/story.txt", "--out", "{i}/model", "--vocab-size", "10"], None, 2,
+                            "--vocab-size must be >= 261, got 10"),
+    "train n-heads 3": ("train", ["--text", "{i}/story.txt", "--out", "{i}/model", "--n-heads", "3"], None, 2,
+                        "--n-heads 3 must divide --dim 128"),
+    "train n-kv-heads 3": ("train", ["--text", "{i}/story.txt", "--out", "{i}/model", "--n-kv-heads", "3"], None, 2,
+                           "--n-kv-heads 3 must divide --n-heads 4"),
+    "train lr nan": ("train", ["--text", "{i}/story.txt", "--out", "{i}/model", "--lr", "nan"], None, 2, "--lr must be a finite number > 0, got nan"),
+    "train out unwritable": ("train", ["--text", "{i}/story.txt", "--out", "{i}/a-file/model"], None, 1,
+                             "{i}/a-file/model: cannot be created, {i}/a-file is not a folder"),
+    "train out exists": ("train", ["--text", "{i}/story.txt", "--out", "{i}/full"], None, 2,
+                         "--out {i}/full exists and is not empty: pass --overwrite"),
+    "train sink-token and bos": ("train", ["--text", "{i}/story.txt", "--out", "{i}/model", "--sink-token", "--bos"], None, 2,
+                                 "--sink-token and --bos"),
+    "train vocab-size too large for the text": ("train", ["--text", "{i}/story.txt", "--out", "{i}/model"], None, 1,
+                                                "--vocab-size 1024 does not fit this text: Vocabulary size too high"),
+}
+
+
+@pytest.fixture(scope="module")
+def results(request, inputs) -> dict:
+    """name -> (exit code, stderr) of every selected case, and the files changed while they ran."""
+    selected = [item.callspec.params["name"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_bad_input_is_one_line"]
+
+    def run(name):
+        program, args, stdin, _, _ = CASES[name]
+        args = [str(a).replace("{i}", str(inputs)) for a in args]
+        result = subprocess.run(command(program, args), cwd=REPO, env=ENV, input=stdin or b"",
+                                capture_output=True, timeout=600)
+        return name, (result.returncode, result.stderr.decode("utf-8", "replace"))
+
+    before = snapshot(REPO, inputs)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        out = dict(pool.map(run, selected))
+    after = snapshot(REPO, inputs)
+    out["changed files"] = sorted(set(before.items()) ^ set(after.items()))
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line(name, inputs, results):
+    program, _, _, code, phrase = CASES[name]
+    if "cuda" in name and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    if "mps" in name and torch.backends.mps.is_available():
+        pytest.skip("this machine has an MPS GPU")
+    phrase = phrase.replace("{i}", str(inputs))
+    returncode, err = results[name]
+    assert "Traceback" not in err, err
+    lines = err.strip("\n").split("\n")
+    assert len(lines) == 1 and lines[0].startswith(f"{PROG[program]}"), err
+    assert "error: " in lines[0] and phrase in lines[0], (phrase, lines[0])
+    assert returncode == code, err
+    assert not results["changed files"], "created or modified while the cases ran"
+
+
+def test_the_table_covers_every_cli():
+    counts = {p: sum(case[0] == p for case in CASES.values()) for p in PROGRAMS}
+    assert sum(counts.values()) >= 40 and min(counts.values()) >= 8, counts
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc to see torch being imported")
+@pytest.mark.parametrize("program, args", [
+    ("run", ["--stream"]),
+    ("eval", ["--model", DEFAULT_MODEL, "--text", "README.md", "--out", "unused"]),
+    ("golden", ["check", "tests/golden"]),
+    ("train", ["--text", "README.md", "--out", "unused"]),
+])
+def test_ctrl_c_while_torch_imports_exits_130(program, args):
+    """SIGINT once torch's library is mapped into the process, i.e. in the middle of `import torch`."""
+    proc = subprocess.Popen(command(program, args), cwd=REPO, env=ENV, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "torch was never imported"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.decode() == f"{PROG[program]}: interrupted\n", err
+
+
+def test_the_default_model_starts_without_torch_compile_and_without_warnings():
+    """Nothing slow by accident: a stream on the default model never imports torch._dynamo (2 s of
+    `import` on a busy CPU, 40% of the first README command's start), picks one thread for it, and
+    prints nothing on stderr but the summary (no NumPy warning from torch)."""
+    probe = ("import sys, runpy; sys.argv = ['run.py', '--stream', '--max-new-tokens', '5', '--seed', '0']\n"
+             "try:\n    runpy.run_path('run.py', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+             "import torch\nprint(code, 'torch._dynamo' in sys.modules, torch.get_num_threads())")
+    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.stdout.splitlines()[-1] == "0 False 1", result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("run.py: 5 tokens generated"), result.stderr
+
+
+@pytest.mark.parametrize("cmd", [
+    ["run.py", "--list-models"],
+    ["run.py", "--stream", "--max-new-tokens", "5", "--seed", "0"],
+    ["-m", "minisink.golden", "check", "tests/golden"],
+    ["-m", "minisink.golden", "regenerate"],           # a report: writes only with --write
+    ["tests/golden/make_fixtures.py"],                 # makes in a temporary folder, compares
+])
+def test_documented_commands_that_do_not_write_leave_the_checkout_as_it_was(cmd):
+    before = snapshot(REPO)
+    result = subprocess.run([sys.executable, *cmd], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert snapshot(REPO) == before, sorted(set(snapshot(REPO).items()) ^ set(before.items()))
