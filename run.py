@@ -358,8 +358,9 @@ def same_terminal(a, b) -> bool:
 class Demo:
     """One model, one tokenizer and one Stream; prints what the model says as it says it."""
 
-    def __init__(self, args, model, tokenizer, stream: Stream, template: Template, out=None):
+    def __init__(self, args, model, tokenizer, stream: Stream, template: Template, out=None, notes=()):
         self.args, self.model, self.tok, self.stream, self.template = args, model, tokenizer, stream, template
+        self.notes = list(notes)  # said on stderr once the first logits are sound: a failure stays one line
         self.out = out or sys.stdout
         self.meter = Meter(model, compile=args.compile)
         self.status = StatusLine(not args.no_status)
@@ -384,15 +385,18 @@ class Demo:
             raise UserError(f"{self.args.model or 'the default model'}: its first logits are NaN or infinite: the "
                             "weights hold NaN/inf (a corrupt or wrongly converted checkpoint)" +
                             ("; or fp16 overflows: try --dtype bf16 or fp32" if self.stream.dtype == torch.float16 else ""))
+        for note in self.notes:
+            print(f"run.py: {note}", file=sys.stderr, flush=True)
+        self.notes = []
         self.meter.fed += len(ids)
 
     def monologue(self, start_ids: list[int], echo_ids: list[int]):
         """--stream: the prompt (echoed), then the model's text, token by token, until N or Ctrl-C."""
         self.decoder = self.tok.stream_decoder()
-        for token in echo_ids:  # through the decoder, so the first generated token is spaced right
-            self.write(self.decoder.push(token))
         self.meter.start()
         self.feed(start_ids)
+        for token in echo_ids:  # through the decoder, so the first generated token is spaced right
+            self.write(self.decoder.push(token))
         for token in self.stream.generate(max_new_tokens=self.args.max_new_tokens, **self.sample):
             self.meter.tick()
             self.write(self.printable(int(token)))
@@ -550,14 +554,12 @@ def load(args, download=None):
     except CacheSizeError as e:
         raise UserError(str(e)) from None
     model = load_model(folder, dtype=dtype, device=device)
-    for note in notes:
-        print(f"run.py: {note}", file=sys.stderr)
-    return model, tokenizer, config, folder, window, chat_template
+    return model, tokenizer, config, folder, (window, notes), chat_template
 
 
 def make_demo(args, download=None) -> tuple[Demo, list[int], list[int]]:
     """The Demo that args ask for, and (ids the stream starts with, prompt ids to echo)."""
-    model, tokenizer, config, folder, window, chat_template = load(args, download)
+    model, tokenizer, config, folder, (window, notes), chat_template = load(args, download)
     torch.set_num_threads(args.threads or cli.default_threads(model))
     stream = Stream(model, policy=args.policy, sink_size=args.sink_size, window_size=window, compile=args.compile)
     if args.seed is not None:
@@ -570,7 +572,7 @@ def make_demo(args, download=None) -> tuple[Demo, list[int], list[int]]:
     else:
         name = args.template if args.template != "auto" else pick_template(args.model or folder.name, config.get("model_type"))
         template = TEMPLATES[name]
-    return Demo(args, model, tokenizer, stream, template), first_ids, prompt_ids
+    return Demo(args, model, tokenizer, stream, template, notes=notes), first_ids, prompt_ids
 
 
 def run(args, download=None) -> int:
