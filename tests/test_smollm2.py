@@ -171,3 +171,15 @@ def test_run_py_chats_three_turns_in_chatml(smollm2, tmp_path):
     for reply in replies:
         assert re.search("[A-Za-z]{3}", reply), replies
         assert "<|im" not in reply and "USER:" not in reply  # the reply ends at <|im_end|>
+
+
+def test_short_names_and_the_chat_template():
+    import run  # the script: pytest.ini puts the repository root on the path
+    from minisink.hub import MODELS
+    assert MODELS["smollm2-135m"].repo_id == "HuggingFaceTB/SmolLM2-135M"
+    assert MODELS["smollm2-1.7b-instruct"].repo_id == "HuggingFaceTB/SmolLM2-1.7B-Instruct"
+    assert {n for n in MODELS if n.startswith("smollm2")} == {
+        f"smollm2-{s}{k}" for s in ("135m", "360m", "1.7b") for k in ("", "-instruct")}
+    assert run.pick_template("smollm2-360m-instruct", "llama") == "chatml"
+    assert run.pick_template("/cache/gguf/SmolLM2-135M-Instruct.Q4_1-b179c9523d0e", "llama") == "chatml"
+    assert run.pick_template("smollm2-360m", "llama") == "plain"
