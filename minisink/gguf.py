@@ -7,6 +7,7 @@ tokenizer's vocabulary and merges) and the tensors, usually quantized. We write 
 
     GGUF metadata  llama.*      -> config.json            (model_type "llama")
                    tokenizer.*  -> tokenizer.json         (byte-level BPE, HF `tokenizers` layout)
+                                   or tokenizer.model     (SentencePiece, for Llama-1/2 vocabularies)
                                    tokenizer_config.json  (BOS/EOS names, chat template)
     GGUF tensors   blk.N.attn_q -> model.safetensors      (HF names, dequantized to fp32 or bf16)
 
@@ -22,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -213,12 +215,20 @@ PRE_TOKENIZERS = {
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (gguf.TokenType)
 
 
+def tokenizer_files(meta: dict, path: Path) -> dict[str, bytes]:
+    """{file name: contents} of the tokenizer: tokenizer.json for a byte-level BPE vocabulary
+    (tokenizer.ggml.model "gpt2"), tokenizer.model for a SentencePiece one ("llama")."""
+    model = meta.get("tokenizer.ggml.model")
+    if model == "gpt2":
+        return {"tokenizer.json": json_bytes(tokenizer_json(meta, path))}
+    if model == "llama":
+        return {"tokenizer.model": sentencepiece_model(meta)}
+    raise GGUFError(f"{path}: tokenizer.ggml.model {model!r} is not supported (supported: gpt2, i.e. "
+                    "byte-level BPE, and llama, i.e. SentencePiece)")
+
+
 def tokenizer_json(meta: dict, path: Path) -> dict:
     """The HF tokenizer.json of a byte-level BPE ("gpt2") GGUF vocabulary."""
-    model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise GGUFError(f"{path}: tokenizer.ggml.model {model!r} is not supported (supported: gpt2, "
-                        "i.e. byte-level BPE)")
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise GGUFError(f"{path}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported "
@@ -244,6 +254,50 @@ def tokenizer_json(meta: dict, path: Path) -> dict:
                   "vocab": {tok: i for i, tok in enumerate(tokens)},
                   "merges": [m.split(" ") for m in meta.get("tokenizer.ggml.merges", [])]},
     }
+
+
+def sentencepiece_model(meta: dict) -> bytes:
+    """A SentencePiece tokenizer.model (a ModelProto, protobuf) for a "llama" GGUF vocabulary.
+
+    The GGUF holds each piece's text, score and type (SentencePiece's own type numbers), which is
+    all a BPE ModelProto needs. We write the protobuf bytes by hand, field numbers from
+    sentencepiece_model.proto, rather than depend on the protobuf package for six fields:
+
+        ModelProto      1 pieces (repeated): 1 piece, 2 score, 3 type
+                        2 trainer_spec:      3 model_type (BPE = 2), 35 byte_fallback, 40-43 unk/bos/eos/pad id
+                        3 normalizer_spec:   1 name, 3 add_dummy_prefix, 4 remove_extra_whitespaces
+    """
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    BYTE = 6
+    pieces = b"".join(
+        _pb(1, _pb(1, tok.encode("utf-8")) + _pb(2, float(score)) + _pb(3, kind))
+        for tok, score, kind in zip(tokens, scores, types))
+    token_id = lambda key, default: meta.get(f"tokenizer.ggml.{key}_token_id", default)
+    trainer = (_pb(3, 2) + _pb(35, BYTE in types) + _pb(40, token_id("unknown", 0)) + _pb(41, token_id("bos", 1))
+               + _pb(42, token_id("eos", 2)) + _pb(43, token_id("padding", -1)))
+    # Llama's normalizer: no Unicode normalization ("identity"), a space before the text, and
+    # runs of spaces kept as they are (llama.cpp tokenizes this way too)
+    normalizer = (_pb(1, b"identity") + _pb(3, meta.get("tokenizer.ggml.add_space_prefix", True))
+                  + _pb(4, False))
+    return pieces + _pb(2, trainer) + _pb(3, normalizer)
+
+
+def _pb(field: int, value) -> bytes:
+    """One protobuf field: bytes (length-delimited), float (fixed 32-bit), bool or int (varint)."""
+    if isinstance(value, bytes):
+        return _varint(field << 3 | 2) + _varint(len(value)) + value
+    if isinstance(value, float):
+        return _varint(field << 3 | 5) + struct.pack("<f", value)
+    return _varint(field << 3 | 0) + _varint(int(value) & (2 ** 64 - 1))  # negative ints: 10 bytes
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes(out + bytearray([n]))
 
 
 def tokenizer_config(meta: dict) -> dict:
@@ -283,7 +337,7 @@ def convert(gguf_path, out_dir, dtype: str = "fp32") -> Path:
     meta = metadata(reader)
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     config = llama_config(meta, has_output, gguf_path)
-    tokenizer = tokenizer_json(meta, gguf_path)  # refuse an unknown tokenizer before the slow part
+    tokenizer = tokenizer_files(meta, gguf_path)  # refuse an unknown tokenizer before the slow part
     config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     state = convert_tensors(reader, config, gguf_path)
     if dtype == "bf16":
@@ -297,7 +351,8 @@ def convert(gguf_path, out_dir, dtype: str = "fp32") -> Path:
     try:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         write_json(tmp / "config.json", config)
-        write_json(tmp / "tokenizer.json", tokenizer)
+        for name, contents in tokenizer.items():
+            (tmp / name).write_bytes(contents)
         write_json(tmp / "tokenizer_config.json", tokenizer_config(meta))
         write_json(tmp / "converted_from.json", {"gguf": gguf_path.name, "sha256": sha256(gguf_path),
                                                  "general.name": meta.get("general.name"), "dtype": dtype})
@@ -341,8 +396,12 @@ def cached_conversion(gguf_path, cache_dir=None) -> Path:
     return folder
 
 
+def json_bytes(value) -> bytes:
+    return (json.dumps(value, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def write_json(path: Path, value) -> None:
-    path.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    path.write_bytes(json_bytes(value))
 
 
 def main(argv=None) -> int:
@@ -356,7 +415,8 @@ def main(argv=None) -> int:
     except GGUFError as e:
         print(f"minisink.gguf: error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {folder}: config.json, model.safetensors ({args.dtype}), tokenizer.json")
+    tokenizer = "tokenizer.model" if (folder / "tokenizer.model").is_file() else "tokenizer.json"
+    print(f"wrote {folder}: config.json, model.safetensors ({args.dtype}), {tokenizer}")
     return 0
 
 

