@@ -88,11 +88,10 @@ class Rotary:
 
     def tables(self, pos: torch.Tensor, max_pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """pos: (N,) int64 -> cos, sin (N, dim) in `dtype`, exact at any position of an endless stream."""
-        inv_freq = self.inv_freq(pos.device, max_pos).double()          # HF's fp32 values, widened
-        angles = pos.double()[:, None] * inv_freq[None, :]               # (N, dim/2) float64
-        angles = torch.remainder(angles, 2 * math.pi).float()           # [0, 2 pi): fp32 is exact enough
-        angles = torch.cat((angles, angles), dim=-1)                     # (N, dim)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        inv_freq = self.inv_freq(pos.device, max_pos)                    # (dim/2,) fp32, HF's values
+        # compiled: an opaque op, so that the tables stay one small buffer (see `cos_sin`)
+        cos, sin = (opaque_cos_sin if torch.compiler.is_compiling() else cos_sin)(pos, inv_freq)
+        return cos.to(dtype), sin.to(dtype)                              # (N, dim) each
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: (B, nh, N, hd) rotated by tables (N, dim) of `tables`; same shape and dtype."""
@@ -109,6 +108,27 @@ class Rotary:
     def key(self) -> tuple:
         """What the tables depend on: layers with equal keys share one set of tables per forward."""
         return (self.dim, self.base, self.scaling)
+
+
+def cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pos (N,) int64, inv_freq (dim/2,) fp32 -> cos, sin (N, dim) fp32 of the angles pos * inv_freq."""
+    angles = pos.double()[:, None] * inv_freq.double()[None, :]      # (N, dim/2) float64: exact
+    angles = torch.remainder(angles, 2 * math.pi).float()           # [0, 2 pi): fp32 is exact enough
+    angles = torch.cat((angles, angles), dim=-1)                     # (N, dim)
+    return angles.cos(), angles.sin()
+
+
+# Why opaque under torch.compile: at batch 1 a query-key product has one row, and inductor (CPU)
+# lowers it to a loop over keys into which it fuses every element-wise producer of the query, the
+# table included: cos() and sin() ran once per head, key and channel, and the compiled step was
+# slower than eager. A custom op is a fence it does not fuse through: the tables are computed once.
+opaque_cos_sin = torch.library.custom_op("minisink::rope_cos_sin", mutates_args=())(cos_sin)
+
+
+@opaque_cos_sin.register_fake
+def _(pos, inv_freq):
+    shape = (pos.shape[0], 2 * inv_freq.shape[0])
+    return pos.new_empty(shape, dtype=torch.float32), pos.new_empty(shape, dtype=torch.float32)
 
 
 def rope_from_config(d: dict, theta_key: str = "rope_theta", default_theta: float = 10000.0):

@@ -285,6 +285,7 @@ def test_compiled_stream_compiles_once_and_agrees_with_eager():
     counters.clear()
     prompt = torch.tensor([[1]])  # BOS alone: the case that used to compile twice
     compiled = [int(t) for t in Stream(model, "sink", 2, 6, compile=True).generate(prompt, max_new_tokens=15)]
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] == 1  # inductor, once
     eager = [int(t) for t in Stream(model, "sink", 2, 6).generate(prompt, max_new_tokens=15)]
     assert compiled == eager
