@@ -42,6 +42,7 @@ import torch
 
 from ..cache import Layout
 from ..generate import Stream, decode_one_token
+from .gpu import kv_bytes
 from .models import CONFIGS, machine, random_model, scaled, weight_bytes
 
 SINKS = 4
@@ -130,8 +131,17 @@ def static_stepper(model, C, ids, per_round: int):
     return step, rewind
 
 
-def kv_bytes(stream: Stream) -> int:
-    return sum(t.numel() * t.element_size() for t in [*stream.cache.k, *stream.cache.v])
+def seconds_per_token(stream, ids, start, steps, warmup=2) -> float:
+    """Median seconds of one `stream.feed(token)` over `steps`, feeding ids[start], ids[start+1], ..."""
+    fed = iter(ids[0, start:].tolist())
+    return median(timer(lambda: stream.feed(torch.tensor([[next(fed)]])))(steps, warmup))
+
+
+def fast_forward(stream, ids, position) -> float:
+    """Feed tokens up to `position` as one prompt (chunked prefill, exact); returns the seconds."""
+    start = time.perf_counter()
+    stream.feed(ids[:, stream.tokens_seen:position])
+    return time.perf_counter() - start
 
 
 def measure(name, model, C, threads, args, ids):
