@@ -73,7 +73,13 @@ def decode_one_token(model, cache: SinkCache, token: torch.Tensor) -> torch.Tens
 
 
 class Stream:
-    """One model streaming through one cache. Feed it text (ids) and let it talk, turn after turn."""
+    """One model streaming through one cache. Feed it text (ids) and let it talk, turn after turn.
+
+    compile=True compiles the decode step once (fullgraph, no recompiles): CUDA graphs on a GPU,
+    inductor's default mode on a CPU. On this project's 2-core CPU (docs/benchmarks.md) the
+    compiled step was 6-17% faster than eager at 1 thread, but not always at 2 threads on a busy
+    machine (up to 1.16x slower at a 134M Llama shape, cache 4+252): there, prefer eager.
+    """
 
     def __init__(self, model, policy: str = "sink", sink_size: int = 4, window_size: int = 1020,
                  batch_size: int = 1, prefill_chunk: int | None = None, compile: bool = False):
