@@ -66,8 +66,8 @@ from torch import nn
 @dataclass
 class Layout:
     """Where the keys of one forward pass sit, shared by every layer. L keys, T queries."""
-    k_pos: torch.Tensor        # (L,) int64  position of each key inside the cache
-    q_pos: torch.Tensor        # (T,) int64  position of each query, as seen by window keys
+    k_pos: torch.Tensor        # (L,) int64  position of each key (cache frame: in the cache; stream frame: in the stream)
+    q_pos: torch.Tensor        # (T,) int64  position of each query, as seen by window keys (same frame)
     q_pos_sink: torch.Tensor | None  # (T,) position of each query as seen by sink keys; None: same
     is_sink: torch.Tensor      # (L,) bool   key is one of the S sinks
     mask: torch.Tensor         # (T, L) bool  query may attend to key
