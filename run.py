@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="weights and cache dtype (default: auto, see below)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU; on CPU "
-                   "inductor, 15-110 s to compile, 1-17%% faster than eager at 1 thread, but up to 1.4x slower "
+                   "inductor, 15-110 s to compile, 1-17%% faster than eager at 1 thread, but up to 1.5x slower "
                    "at 2 threads on a busy machine: docs/benchmarks.md)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models on a busy machine)")

@@ -78,7 +78,7 @@ class Stream:
     compile=True compiles the decode step once (fullgraph, no recompiles): CUDA graphs on a GPU,
     inductor's default mode on a CPU. On this project's 2-core CPU (docs/benchmarks.md) the
     compiled step was 1-17% faster than eager at 1 thread, but not always at 2 threads on a busy
-    machine (up to 1.4x slower at a 134M Llama shape): there, prefer eager.
+    machine (up to 1.5x slower at the 134M Llama and Pythia-160M shapes): there, prefer eager.
     """
 
     def __init__(self, model, policy: str = "sink", sink_size: int = 4, window_size: int = 1020,
