@@ -97,7 +97,11 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, layout: Layout, scale: flo
             # sinks are seen from the query's cache position: the query rotated a second time
             q_sink, n = rotate(q, layout, rope, "q_pos_sink"), layout.sink_slots
             if n is not None:  # the sinks are the first n slots: score only those again
-                scores = torch.cat([scores_for(q_sink, kr[:, :, :n]), scores[..., n:]], dim=-1)
+                # a product and a sum, not a matmul: S columns are too few to be worth a (possibly
+                # multi-threaded) batched matmul call per layer, which stalls on a busy machine
+                qs = q_sink.reshape(B, nkv, g * T, 1, hd)
+                sink = (qs * kr[:, :, None, :n]).sum(-1).view(B, nh, T, -1) * scale   # (B, nh, T, n)
+                scores = torch.cat([sink, scores[..., n:]], dim=-1)
             else:              # a chunk past the capacity: sinks also among the chunk's own keys
                 scores = torch.where(layout.is_sink, scores_for(q_sink, kr), scores)
     if alibi_slopes is not None:
