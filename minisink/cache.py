@@ -15,8 +15,17 @@ the token that has just left the window.
 
 Positions inside the cache, not in the text: sinks get 0..S-1, window tokens S, S+1, ... by age,
 and the current token the last position, S+W-1. Until the cache is full this is simply the token's
-index in the stream. Keys are stored un-rotated; the attention (minisink/attention.py) rotates them
-by these positions at every step (RoPE) or turns them into distances (ALiBi).
+index in the stream. The attention (minisink/attention.py) turns these positions into RoPE rotations
+or ALiBi distances.
+
+Only differences of positions reach the scores, so a Layout may give its positions in one of two
+frames (see minisink/rope.py for the argument):
+
+- cache frame (the paper, literally; `rotate_keys_once=False`): positions as above; keys are stored
+  un-rotated and every step rotates every cached key by its current position.
+- stream frame (the default): positions are stream indices, a key is rotated once, by its stream
+  index, when it is written, and stays so. Window scores depend on t - j either way; sinks are seen
+  from the query's cache position min(t, S+W-1), which the Layout gives as `q_pos_sink`.
 
 A forward pass over T new tokens is a `Layout` (positions and mask, shared by all layers), then one
 `update` per layer. Two ways to write:
@@ -28,7 +37,7 @@ A forward pass over T new tokens is a `Layout` (positions and mask, shared by al
   same chunk still see. Each token t of the chunk sees the sinks and its own window, t-W+1 .. t,
   exactly as if the chunk had been streamed one token at a time.
 
-For that exactness the chunk needs two frames of positions. The window part of a score depends only
+For that exactness the chunk needs two query positions. The window part of a score depends only
 on t - j (both are in the window, positions by age); a sink's on the query's cache position,
 min(t, S+W-1). Keys get the positions that the chunk's last query sees; each query gets one position
 for window keys (`q_pos`) and one for sinks (`q_pos_sink`). For RoPE and ALiBi, only differences of
@@ -39,12 +48,17 @@ recent_size=R) evicts *after* the forward pass, so its query attends to S+R+1 ke
 the current token first, so a query attends to at most S+W keys including itself:
 official (S, R) == minisink (S, W=R+1).
 
+While the cache fills (fewer than S+W tokens seen), an eager pass attends to the slots in use only,
+so a short stream pays for its length, not the capacity: the count of tokens seen is also kept on
+the host (no sync). Under torch.compile the pass always spans all S+W slots, so the graph's shapes
+never change; unused slots are masked.
+
 No torch.cat to evict, no reallocation and no host synchronisation in the decode path: the stream
 position `n` lives on the device, and a one-token step never reads it on the host. Only the chunked
 path (prefill, evaluation) asks for it, once per chunk, to choose which tokens of the chunk survive.
 """
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -53,24 +67,29 @@ from torch import nn
 @dataclass
 class Layout:
     """Where the keys of one forward pass sit, shared by every layer. L keys, T queries."""
-    k_pos: torch.Tensor        # (L,) int64  position of each key inside the cache
-    q_pos: torch.Tensor        # (T,) int64  position of each query, as seen by window keys
+    k_pos: torch.Tensor        # (L,) int64  position of each key (cache frame: in the cache; stream frame: in the stream)
+    q_pos: torch.Tensor        # (T,) int64  position of each query, as seen by window keys (same frame)
     q_pos_sink: torch.Tensor | None  # (T,) position of each query as seen by sink keys; None: same
     is_sink: torch.Tensor      # (L,) bool   key is one of the S sinks
     mask: torch.Tensor         # (T, L) bool  query may attend to key
-    max_pos: torch.Tensor      # () int64    largest position in use (dynamic NTK RoPE needs it)
+    max_pos: torch.Tensor      # () int64    the newest query's cache position (dynamic NTK RoPE needs it)
+    keys_rotated: bool = False  # stream frame: cached keys are already rotated by k_pos (RoPE)
+    sink_slots: int | None = None  # sinks can only be among the first `sink_slots` keys; None: ask is_sink
+    tables: dict = field(default_factory=dict, repr=False)  # RoPE/ALiBi tables of this pass, by key
 
 
 class SinkCache(nn.Module):
     """S sink slots + a ring buffer of W window slots per layer. `window` policy is S=0."""
 
-    def __init__(self, sink_size: int, window_size: int, device=None, dtype=torch.float32):
+    def __init__(self, sink_size: int, window_size: int, device=None, dtype=torch.float32,
+                 rotate_keys_once: bool = True):
         super().__init__()
         if sink_size < 0 or window_size < 1:
             raise ValueError(f"need sink_size >= 0 and window_size >= 1, got {sink_size}, {window_size}")
         self.S, self.W = sink_size, window_size
         self.capacity = sink_size + window_size
         self.device, self.dtype = torch.device(device or "cpu"), dtype
+        self.rotate_keys_once = rotate_keys_once  # stream frame (default) or the paper's cache frame
         self.k: list[torch.Tensor] = []  # per layer (B, kv_heads, S+W, hd), allocated at first write
         self.v: list[torch.Tensor] = []
         self.register_buffer("slot_token", torch.full((self.capacity,), -1, dtype=torch.long, device=device))
@@ -79,6 +98,8 @@ class SinkCache(nn.Module):
             self._static(buf)
         self._write_first = True
         self._new_slots = self._keep = None
+        self._host_n: int | None = 0   # n as the host knows it; None after a compiled step
+        self._used = self.capacity     # slots the current pass attends to
 
     @property
     def length(self) -> int:
@@ -94,12 +115,17 @@ class SinkCache(nn.Module):
         tok = self.n + torch.arange(T, device=self.n.device)          # (T,) stream indices of the queries
         # T == 1 is decided without looking at n: the decode step must not sync with the device.
         # A chunk reads n on the host once, to know whether it overflows the cache.
-        n = None if T == 1 else self.length
+        compiling = torch.compiler.is_compiling()
+        n = (None if compiling else self._host_n) if T == 1 else self.length
         self._write_first = T == 1 or n + T <= self.capacity
+        # an eager pass over a filling cache attends to the slots in use only (tokens 0..n+T-1 are in
+        # slots 0..n+T-1 until the cache is full); compiled, always all of them: static shapes
+        self._used = self.capacity if compiling or n is None else min(n + T, self.capacity)
+        self._host_n = None if compiling or n is None else n + T  # compiled: stored after each call
         if self._write_first:
             self._new_slots = self.slots_of(tok)
             self.slot_token.index_copy_(0, self._new_slots, tok)
-            key_tok = self.slot_token                                   # (L=S+W,)
+            key_tok = self.slot_token[:self._used]                      # (L <= S+W,)
         else:
             key_tok = torch.cat([self.slot_token, tok])                 # (L=S+W+T,) buffer, then chunk
             # Only the sinks and the last W tokens of the chunk survive it; writing only those keeps
@@ -118,11 +144,18 @@ class SinkCache(nn.Module):
         last = tok[-1]
         base = torch.clamp(last - (C - 1), min=0)           # how far the last query's window has slid
         is_sink = (key_tok >= 0) & (key_tok < S)
+        t, j = tok[:, None], key_tok[None, :]
+        mask = (j >= 0) & (j <= t) & ((j < S) | (j > t - W))  # the sinks, and t's own window
+        if self.rotate_keys_once:
+            # stream frame: keys keep the stream index they were rotated by; sinks are seen from the
+            # query's cache position. A chunk that fits the cache has tok <= C-1: one frame suffices.
+            one_frame = S == 0 or (tok.shape[0] > 1 and not chunked)
+            q_pos_sink = None if one_frame else torch.clamp(tok, max=C - 1)
+            return Layout(key_tok, tok, q_pos_sink, is_sink, mask, max_pos=last - base,
+                          keys_rotated=True, sink_slots=None if chunked else S)
         k_pos = torch.where(is_sink, key_tok, key_tok - base)
         q_pos = tok - base
         q_pos_sink = torch.clamp(tok, max=C - 1) if (chunked and S > 0) else None
-        t, j = tok[:, None], key_tok[None, :]
-        mask = (j >= 0) & (j <= t) & ((j < S) | (j > t - W))  # the sinks, and t's own window
         return Layout(k_pos, q_pos, q_pos_sink, is_sink, mask, max_pos=q_pos[-1])
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +168,7 @@ class SinkCache(nn.Module):
         if self._write_first:
             k_buf.index_copy_(2, self._new_slots, k.to(self.dtype))
             v_buf.index_copy_(2, self._new_slots, v.to(self.dtype))
-            return k_buf, v_buf
+            return k_buf[:, :, :self._used], v_buf[:, :, :self._used]
         keys, values = torch.cat([k_buf, k.to(self.dtype)], 2), torch.cat([v_buf, v.to(self.dtype)], 2)
         k_buf.index_copy_(2, self._new_slots, k[:, :, self._keep].to(self.dtype))
         v_buf.index_copy_(2, self._new_slots, v[:, :, self._keep].to(self.dtype))
@@ -154,6 +187,7 @@ class SinkCache(nn.Module):
         """Forget the stream but keep the buffers (a new stream of the same shape)."""
         self.slot_token.fill_(-1)
         self.n.zero_()
+        self._host_n = 0
 
 
 class DenseCache(SinkCache):
@@ -163,24 +197,17 @@ class DenseCache(SinkCache):
     the token indices in the text. Attention then runs past the trained context and degrades.
     """
 
-    def __init__(self, capacity: int = 256, device=None, dtype=torch.float32):
-        super().__init__(0, capacity, device=device, dtype=dtype)
-        self.seen = 0  # a host-side count of n, so that growing needs no sync (dense is never compiled)
+    def __init__(self, capacity: int = 256, device=None, dtype=torch.float32, rotate_keys_once: bool = True):
+        super().__init__(0, capacity, device=device, dtype=dtype, rotate_keys_once=rotate_keys_once)
 
     @property
     def length(self) -> int:
-        return self.seen
+        return self._host_n  # kept on the host, so that growing needs no sync (dense is never compiled)
 
     def begin(self, T: int) -> Layout:
-        if self.seen + T > self.capacity:
-            self.grow(max(2 * self.capacity, self.seen + T))
-        layout = super().begin(T)
-        self.seen += T
-        return layout
-
-    def reset(self) -> None:
-        super().reset()
-        self.seen = 0
+        if self._host_n + T > self.capacity:
+            self.grow(max(2 * self.capacity, self._host_n + T))
+        return super().begin(T)
 
     def grow(self, capacity: int) -> None:
         grow = lambda buf: torch.cat([buf, buf.new_zeros(*buf.shape[:2], capacity - self.capacity, buf.shape[3])], 2)

@@ -6,7 +6,8 @@
 
 `decode_one_token` is the whole per-token step: one forward of one token through the cache, and a
 sample. It has no host synchronisation and static shapes, so `torch.compile(..., fullgraph=True,
-mode="reduce-overhead")` can turn it into one CUDA graph. Prefill is chunked (each chunk at most the
+mode="reduce-overhead")` can turn it into one CUDA graph on a GPU; on a CPU, `Stream(compile=True)`
+uses inductor's default mode (fused C++ kernels, no graphs to replay). Prefill is chunked (each chunk at most the
 window) and stays eager: its shapes vary.
 
 Policies, all through this loop so they can be compared:
@@ -73,7 +74,13 @@ def decode_one_token(model, cache: SinkCache, token: torch.Tensor) -> torch.Tens
 
 
 class Stream:
-    """One model streaming through one cache. Feed it text (ids) and let it talk, turn after turn."""
+    """One model streaming through one cache. Feed it text (ids) and let it talk, turn after turn.
+
+    compile=True compiles the decode step once (fullgraph, no recompiles): CUDA graphs on a GPU,
+    inductor's default mode on a CPU. On this project's 2-core CPU (docs/benchmarks.md) the
+    compiled step was 1-17% faster than eager at 1 thread, but not always at 2 threads on a busy
+    machine (up to 1.5x slower at the 134M Llama and Pythia-160M shapes): there, prefer eager.
+    """
 
     def __init__(self, model, policy: str = "sink", sink_size: int = 4, window_size: int = 1020,
                  batch_size: int = 1, prefill_chunk: int | None = None, compile: bool = False):
@@ -88,7 +95,10 @@ class Stream:
         self.history = torch.empty(batch_size, 0, dtype=torch.long, device=self.device)  # recompute only
         self.step = decode_one_token
         if compile:
-            self.step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+            # CUDA graphs on a GPU; inductor's default mode (C++/OpenMP kernels) on a CPU, where
+            # reduce-overhead has no graphs to replay
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self.step = torch.compile(decode_one_token, mode=mode, fullgraph=True)
         self.logits = None   # (B, vocab) prediction for the next token
         self.pending = None  # (B,) last generated token, not fed yet: it goes in with the next feed
 

@@ -1,13 +1,36 @@
-"""Rotary position embeddings (RoPE), evaluated at whatever positions the cache hands out.
+"""Rotary position embeddings (RoPE), and why minisink rotates each key only once.
 
-minisink keeps keys *un-rotated* in the cache. Every forward pass rotates queries and keys by the
-positions they have inside the cache at that moment (see minisink/cache.py), so the same key is
-rotated by a different angle each step as older tokens are evicted. That is the StreamingLLM rule:
-positions are slots in the cache, not indices in the text.
+The paper's rule (StreamingLLM, section 3.2) is literal: positions are slots in the cache, not
+indices in the text. Keep keys un-rotated, and at every step rotate every cached key by its
+position *inside the cache* and the query by the last position. As old tokens are evicted, the
+same key is rotated by a different angle each step. `Rotary.__call__(x, pos)` does exactly that,
+and tests/test_cache.py keeps this literal form as the oracle.
 
-The tables are computed in fp32 from scratch on every call, from integer positions on the device:
-there is no precomputed table to outgrow, nothing to rebuild after loading on the meta device, and
-nothing a compiled graph has to guard on. The cost is a few element-wise ops per layer.
+Only differences of positions reach a RoPE score: q rotated by a, k rotated by b gives
+q^T R(b - a) k. Let t be the stream index of the query, j of a key, S sinks, W window, C = S+W.
+
+- A window key j sits at cache position p_q - (t - j), where p_q = min(t, C-1) is the query's own
+  cache position: its score depends on t - j only. Rotating the key by j, once, when it is written,
+  and the query by t gives the same score.
+- A sink s sits at cache position s and is seen from p_q = min(t, C-1). With the sink stored rotated
+  by s (its stream index is its cache position), the query is rotated a second time, by min(t, C-1),
+  for the S sink columns only.
+
+So the cache stores keys rotated by their stream index (minisink/cache.py: `rotate_keys_once`) and a
+step rotates one new key and the query twice: 2 positions of tables instead of S+W, and nothing in
+the cache is touched again. Same scores as the literal form, up to float rounding.
+
+Angles: a stream is endless, so t grows without bound. In fp32, t * inv_freq at t ~ 10^6 is off by
+~0.06 rad (24-bit mantissa). So the angle t * inv_freq is formed from the int64 position in float64
+and reduced modulo 2 pi there (error ~10^-10 rad at t ~ 10^6, ~10^-4 at t ~ 10^12); the reduced
+angle, in [0, 2 pi), goes to fp32 and cos/sin run in fp32 as in HF. The frequencies themselves are
+the fp32 values HF computes, so short positions agree with HF to an ulp.
+The tables are built once per forward pass, for all layers (minisink/attention.py `rope_tables`).
+
+Dynamic NTK scaling changes the frequencies with the largest position in use; once the cache is
+full that is constant (C-1). While it fills, a key keeps the frequencies it was written with, as in
+HF's own cache; the literal form re-rotates it with the newest ones. The two agree unless the cache
+is larger than the trained context, the only case where dynamic NTK acts at all under StreamingLLM.
 """
 import math
 from dataclasses import dataclass
@@ -63,15 +86,49 @@ class Rotary:
             inv_freq = torch.where(is_medium, smoothed, scaled)
         return inv_freq
 
-    def __call__(self, x: torch.Tensor, pos: torch.Tensor, max_pos: torch.Tensor) -> torch.Tensor:
-        """x: (B, nh, N, hd); pos: (N,) int64 positions -> x rotated, same shape and dtype."""
-        angles = pos.float()[:, None] * self.inv_freq(x.device, max_pos)[None, :]  # (N, dim/2)
-        angles = torch.cat((angles, angles), dim=-1)                                # (N, dim)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    def tables(self, pos: torch.Tensor, max_pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos: (N,) int64 -> cos, sin (N, dim) in `dtype`, exact at any position of an endless stream."""
+        inv_freq = self.inv_freq(pos.device, max_pos)                    # (dim/2,) fp32, HF's values
+        # compiled: an opaque op, so that the tables stay one small buffer (see `cos_sin`)
+        cos, sin = (opaque_cos_sin if torch.compiler.is_compiling() else cos_sin)(pos, inv_freq)
+        return cos.to(dtype), sin.to(dtype)                              # (N, dim) each
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: (B, nh, N, hd) rotated by tables (N, dim) of `tables`; same shape and dtype."""
         x_rot, x_pass = x[..., : self.dim], x[..., self.dim :]
         x1, x2 = x_rot.chunk(2, dim=-1)
         rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
         return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, max_pos: torch.Tensor) -> torch.Tensor:
+        """x: (B, nh, N, hd); pos: (N,) int64 positions -> x rotated, same shape and dtype."""
+        return self.apply(x, *self.tables(pos, max_pos, x.dtype))
+
+    @property
+    def key(self) -> tuple:
+        """What the tables depend on: layers with equal keys share one set of tables per forward."""
+        return (self.dim, self.base, self.scaling)
+
+
+def cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pos (N,) int64, inv_freq (dim/2,) fp32 -> cos, sin (N, dim) fp32 of the angles pos * inv_freq."""
+    angles = pos.double()[:, None] * inv_freq.double()[None, :]      # (N, dim/2) float64: exact
+    angles = torch.remainder(angles, 2 * math.pi).float()           # [0, 2 pi): fp32 is exact enough
+    angles = torch.cat((angles, angles), dim=-1)                     # (N, dim)
+    return angles.cos(), angles.sin()
+
+
+# Why opaque under torch.compile: at batch 1 a query-key product has one row, and inductor (CPU)
+# lowers it to a loop over keys into which it fuses every element-wise producer of the query, the
+# table included: cos() and sin() ran once per head, key and channel, and the compiled step was
+# slower than eager. A custom op is a fence it does not fuse through: the tables are computed once.
+opaque_cos_sin = torch.library.custom_op("minisink::rope_cos_sin", mutates_args=())(cos_sin)
+
+
+@opaque_cos_sin.register_fake
+def _(pos, inv_freq):
+    shape = (pos.shape[0], 2 * inv_freq.shape[0])
+    return pos.new_empty(shape, dtype=torch.float32), pos.new_empty(shape, dtype=torch.float32)
 
 
 def rope_from_config(d: dict, theta_key: str = "rope_theta", default_theta: float = 10000.0):

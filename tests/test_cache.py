@@ -85,9 +85,9 @@ def stream_oracle(model, ids, S, W):
         return torch.cat([model(ids[:, t:t + 1], cache) for t in range(ids.shape[1])], 1)
 
 
-def stream_minisink(model, ids, S, W, prompt_len, chunk):
+def stream_minisink(model, ids, S, W, prompt_len, chunk, cache=None):
     """Prefill `prompt_len` tokens in chunks of `chunk`, then decode the rest one token at a time."""
-    cache = SinkCache(S, W)
+    cache = cache or SinkCache(S, W)
     with torch.no_grad():
         out = [model(ids[:, s:min(s + chunk, prompt_len)], cache) for s in range(0, prompt_len, chunk)]
         out += [decode_one_token(model, cache, ids[:, t])[:, None] for t in range(prompt_len, ids.shape[1])]
@@ -117,6 +117,47 @@ def test_matches_naive_oracle_property(S, W, extra, chunk, prompt_frac):
     ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(n))
     got = stream_minisink(model, ids, S, W, int(prompt_frac * n), chunk)
     assert (got - stream_oracle(model, ids, S, W)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rotate_once_equals_the_literal_form(arch):
+    """Keys rotated once by stream index (the default) == the paper's re-rotation by cache positions,
+    through prefill chunks that fit, chunks that overflow, and decode with the cache full."""
+    for S, W, chunk in [(4, 12, 5), (0, 9, 30), (2, 6, 40), (1, 7, 3)]:
+        ids = torch.randint(0, VOCAB, (2, 5 * (S + W)), generator=torch.Generator().manual_seed(S + W))
+        model = tiny_model(arch)
+        literal = stream_minisink(model, ids, S, W, 2 * (S + W), chunk, SinkCache(S, W, rotate_keys_once=False))
+        once = stream_minisink(model, ids, S, W, 2 * (S + W), chunk)
+        assert (once - literal).abs().max() < 1e-5, (S, W, chunk)
+
+
+def test_eager_pass_over_a_filling_cache_spans_the_slots_in_use():
+    """Eager: a step costs what the stream holds until the cache is full, then S+W slots for ever.
+    Compiled: always S+W slots (static shapes); the host count is dropped, and eager passes after a
+    compiled step span every slot until a chunk reads the count back from the device."""
+    cache = SinkCache(2, 6)
+    kv = torch.zeros(1, 1, 1, 4)
+    spans = []
+    for _ in range(12):
+        spans.append(cache.begin(1).mask.shape[1])
+        assert cache.update(0, kv, kv)[0].shape[2] == spans[-1]
+    assert spans == [1, 2, 3, 4, 5, 6, 7, 8, 8, 8, 8, 8]
+    model, ids = tiny_model("llama"), torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    cache, reference = SinkCache(2, 6), SinkCache(2, 6)
+    step = torch.compile(decode_one_token, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        prefill(model, cache, ids[:, :2], chunk_size=2), prefill(model, reference, ids[:, :2], chunk_size=2)
+        torch._dynamo.reset()
+        for t in range(2, 6):
+            got, want = step(model, cache, ids[:, t]), decode_one_token(model, reference, ids[:, t])
+            assert (got - want).abs().max() < 1e-6
+        assert cache._host_n is None and reference._host_n == 6
+        assert cache.begin(1).mask.shape[1] == 8  # eager, count unknown: every slot, unused ones masked
+        cache.n -= 1  # (undo that plan)
+        got, want = decode_one_token(model, cache, ids[:, 6]), decode_one_token(model, reference, ids[:, 6])
+        assert (got - want).abs().max() < 1e-6
+        prefill(model, cache, ids[:, 7:9], 2), prefill(model, reference, ids[:, 7:9], 2)
+        assert cache._host_n == reference._host_n == 9  # a chunk reads the count back
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -248,6 +289,7 @@ def test_compiled_stream_compiles_once_and_agrees_with_eager():
     counters.clear()
     prompt = torch.tensor([[1]])  # BOS alone: the case that used to compile twice
     compiled = [int(t) for t in Stream(model, "sink", 2, 6, compile=True).generate(prompt, max_new_tokens=15)]
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] == 1  # inductor, once
     eager = [int(t) for t in Stream(model, "sink", 2, 6).generate(prompt, max_new_tokens=15)]
     assert compiled == eager

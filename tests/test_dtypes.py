@@ -207,7 +207,7 @@ class NaiveCacheOn(NaiveCache):
 
     def begin(self, T):
         layout = super().begin(T)
-        return Layout(**{f: None if t is None else t.to(self.device) for f, t in vars(layout).items()})
+        return Layout(**{f: t.to(self.device) if isinstance(t, torch.Tensor) else t for f, t in vars(layout).items()})
 
 
 def stream(model, ids, cache, prompt_len, chunk):

@@ -1,41 +1,140 @@
-"""Benchmark (issue 3): the sink cache's cost per token is flat in the stream position, and how much
-cheaper it is than re-encoding the window for every token (`recompute`).
+"""Benchmark (issues 3 and 18): what a streaming decode step costs, next to what it cannot beat.
 
-    python -m minisink.bench decode [--sizes 256,512,1024,2048,4096] [--far 50000] [--threads N]
+    python -m minisink.bench decode [--models llama-134m,pythia-160m] [--caches 256,1024,2048]
+                                    [--threads 1,2] [--rounds 4] [--steps 6] [--no-compile]
+                                    [--recompute-steps 1] [--busy] [--positions 2048,100000]
 
-Model: a random-weight GPT-NeoX of Pythia-160M's shape (hidden 768, 12 layers, 12 heads, vocab
-50304, rotary_pct 0.25; 162M parameters), fp32, batch 1. Everything goes through `Stream`, the
-decode loop a user runs.
+For each model shape, thread count and cache size C = 4 + (C-4), in one process, per-token ms of:
 
-1. Latency at stream positions ~2K and ~50K, sink cache 4+1020 (Stream's default). Streaming 50K
-   tokens one at a time takes too long on a small CPU, so the cache is fast-forwarded: the tokens
-   before each measured position are fed as one prompt, which Stream prefills in chunks through the
-   same cache. That is exact, not an approximation (tests/test_cache.py: chunked prefill gives the
-   logits and the cache of token-by-token streaming): the same slots hold the same tokens at the same
-   positions as after 50K decode steps, values equal up to float rounding. Then decode steps are
-   timed there.
-2. Per-token cost of `sink` and `recompute` at cache sizes C = S+W (S=4). sink: one decode step with
-   the cache full. recompute: one forward over the last C tokens (positions 0..C-1, no KV carried
-   over), which is what Stream does for that policy. Its whole state is the last C-1 token ids, so
-   it is fast-forwarded by handing it those. Like Stream, the forward computes logits for all C tokens.
+  sink           Stream(policy="sink"), eager, the cache full and its ring moved on
+  sink compiled  Stream(compile=True), same; its compile time is reported apart
+  static         the no-streaming baseline, written here (`StaticCache`): one preallocated buffer of
+                 C slots, token t written to slot t rotated once by t, every slot attended, unwritten
+                 ones masked; what HF's StaticCache or gpt-fast do. No sinks, no ring, no eviction:
+                 it cannot go past C tokens. Same model code, same attention as `sink`.
+  recompute      Stream(policy="recompute"): a forward over the last C tokens for every token
+  read bound     the bytes a step must read (every weight once, K and V of C slots per layer) over
+                 the memory bandwidth probed in this run (a large tensor copy: read + write bytes)
 
-CPU timings are medians over the timed steps (a shared machine is noisy).
+The timed variants are interleaved, A B C A B C ..., `--rounds` times with `--steps` timed steps
+each (after 2 warm-up steps), and the median over all steps is reported: a shared machine drifts,
+and interleaving spreads the drift over all of them alike. recompute takes seconds per token, so it
+is timed in the first round only. Ratios: sink / static, compiled / sink, sink / read bound.
+
+--busy: at 2 threads, the same sink and static steps with the machine as it is, then with a second
+process (started here) spinning on one core, interleaved; how much each slows down, and the ratio.
+--positions: per-token latency (eager sink, cache 4+1020) at those stream positions, reached by
+chunked prefill of the tokens before them (exact: tests/test_cache.py), and the process's RSS. Of the
+first model scaled down (`--positions-shape`, default tiny: 100K tokens of prefill take minutes, not
+an hour), where attention over the 1024 slots is a larger share of the step, not a smaller one.
+
+Random weights, fp32, batch 1: a step costs what it costs with trained weights.
 """
 import argparse
+import os
+import resource
+import subprocess
+import sys
 import time
+from statistics import median
 
 import torch
 
-from ..generate import Stream
-from .models import CONFIGS, machine, random_model, seconds_per_call, weight_bytes
+from ..cache import Layout
+from ..generate import Stream, decode_one_token
+from .gpu import kv_bytes
+from .models import CONFIGS, machine, random_model, scaled, weight_bytes
 
 SINKS = 4
 
 
+class StaticCache:
+    """The plain static-cache decode the sink cache is measured against: no streaming at all.
+
+    Token t goes to slot t, its key rotated once by t (as SinkCache's stream frame does); a query
+    attends to every slot, those not written yet masked. The model code is minisink's, unchanged:
+    only what the cache adds (sinks, ring, eviction, a second query rotation) differs.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity, self.k, self.v = capacity, [], []
+        self.n = torch.zeros((), dtype=torch.long)
+        self.slots = torch.arange(capacity)
+        self.no_sinks = torch.zeros(capacity, dtype=torch.bool)
+
+    def begin(self, T: int) -> Layout:
+        self.tok = self.n + torch.arange(T)                                    # (T,)
+        mask = self.slots[None, :] <= self.tok[:, None]                        # (T, C) causal
+        self.n += T
+        return Layout(self.slots, self.tok, None, self.no_sinks, mask, max_pos=self.tok[-1], keys_rotated=True)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if layer == len(self.k):
+            B, H, _, D = k.shape
+            self.k.append(k.new_zeros(B, H, self.capacity, D)), self.v.append(v.new_zeros(B, H, self.capacity, D))
+        self.k[layer].index_copy_(2, self.tok, k)
+        self.v[layer].index_copy_(2, self.tok, v)
+        return self.k[layer], self.v[layer]
+
+
+def bandwidth(threads: int, mb: int = 512, repeats: int = 5) -> float:
+    """Bytes per second of a large tensor copy (read + write), median of `repeats`."""
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / median(times[1:])
+
+
+def timer(step) -> callable:
+    """A function that times `n` calls of step() after 2 warm-up calls; returns the n seconds."""
+    def timed(n: int, warmup: int = 2) -> list[float]:
+        for _ in range(warmup):
+            step()
+        out = []
+        for _ in range(n):
+            start = time.perf_counter()
+            step()
+            out.append(time.perf_counter() - start)
+        return out
+    return timed
+
+
+def tokens(vocab: int):
+    g = torch.Generator().manual_seed(0)
+    while True:
+        yield torch.randint(0, vocab, (1, 1), generator=g)
+
+
+def sink_stream(model, C, ids, compile=False) -> Stream:
+    stream = Stream(model, "sink", SINKS, C - SINKS, compile=compile)
+    stream.feed(ids[:, :C + 8])    # the cache full, and its ring moved on
+    return stream
+
+
+def static_stepper(model, C, ids, per_round: int):
+    """A StaticCache holding C tokens' worth of slots; each round restarts near its end."""
+    cache = StaticCache(C)
+    with torch.inference_mode():
+        model(ids[:, :C - per_round], cache)
+    source = tokens(model.config.vocab_size)
+
+    @torch.inference_mode()
+    def step():
+        return decode_one_token(model, cache, next(source)[:, 0])
+
+    def rewind():
+        cache.n.fill_(C - per_round)
+    return step, rewind
+
+
 def seconds_per_token(stream, ids, start, steps, warmup=2) -> float:
     """Median seconds of one `stream.feed(token)` over `steps`, feeding ids[start], ids[start+1], ..."""
-    tokens = iter(ids[0, start:].tolist())
-    return seconds_per_call(lambda: stream.feed(torch.tensor([[next(tokens)]])), steps, "cpu", warmup)
+    fed = iter(ids[0, start:].tolist())
+    return median(timer(lambda: stream.feed(torch.tensor([[next(fed)]])))(steps, warmup))
 
 
 def fast_forward(stream, ids, position) -> float:
@@ -45,55 +144,143 @@ def fast_forward(stream, ids, position) -> float:
     return time.perf_counter() - start
 
 
+def measure(name, model, C, threads, args, ids):
+    """One row: interleaved medians for one model, cache size and thread count."""
+    torch.set_num_threads(threads)
+    src = tokens(model.config.vocab_size)
+    sink = sink_stream(model, C, ids)
+    variants = {"sink": timer(lambda: sink.feed(next(src)))}
+    compile_s = None
+    if args.compile:
+        torch._dynamo.reset()   # compile for this thread count and shape
+        compiled = sink_stream(model, C, ids, compile=True)
+        start = time.perf_counter()
+        compiled.feed(next(src))          # the first step compiles
+        compile_s = time.perf_counter() - start
+        variants["sink compiled"] = timer(lambda: compiled.feed(next(src)))
+    per_round = args.steps + 2
+    static_step, rewind = static_stepper(model, C, ids, per_round)
+    variants["static"] = timer(static_step)
+    times = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        rewind()
+        for k, timed in variants.items():
+            times[k] += timed(args.steps)
+    ms = {k: median(v) * 1e3 for k, v in times.items()}
+    if args.recompute_steps:
+        recompute = Stream(model, "recompute", SINKS, C - SINKS)
+        recompute.history = ids[:, :C - 1]                   # its whole state: the last C-1 token ids
+        ms["recompute"] = median(timer(lambda: recompute.feed(next(src)))(args.recompute_steps, warmup=0)) * 1e3
+    bw = bandwidth(threads)
+    read = weight_bytes(model) + kv_bytes(sink)
+    ms["read bound"] = read / bw * 1e3
+    return ms, compile_s, bw, read
+
+
+def report(name, C, threads, ms, compile_s, bw, read) -> None:
+    cols = ["sink", "sink compiled", "static", "recompute", "read bound"]
+    cells = "".join(f"{ms[c]:>10.1f}" if c in ms else f"{'-':>10}" for c in cols)
+    ratios = f"{ms['sink'] / ms['static']:>7.2f}x {ms['sink'] / ms['read bound']:>7.2f}x"
+    ratios += f" {ms['sink compiled'] / ms['sink']:>7.2f}x" if "sink compiled" in ms else f" {'-':>8}"
+    extra = f"  compile {compile_s:.0f} s" if compile_s is not None else ""
+    print(f"  {threads:>2}  {SINKS}+{C - SINKS:<5}{cells}  {ratios}  {bw / 1e9:5.1f} GB/s, {read / 1e9:.2f} GB{extra}",
+          flush=True)
+
+
+def busy(model, C, ids, args) -> None:
+    """2 threads: sink and static with the machine as it is, then with a core kept busy here."""
+    torch.set_num_threads(2)
+    src = tokens(model.config.vocab_size)
+    sink = sink_stream(model, C, ids)
+    static_step, rewind = static_stepper(model, C, ids, args.steps + 2)
+    variants = {"sink": timer(lambda: sink.feed(next(src))), "static": timer(static_step)}
+    times = {(k, load): [] for k in variants for load in ("as is", "busy")}
+    for _ in range(args.rounds):
+        for load in ("as is", "busy"):
+            spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "busy" else None
+            try:
+                for k, timed in variants.items():
+                    rewind()
+                    times[k, load] += timed(args.steps)
+            finally:
+                if spinner:
+                    spinner.kill(), spinner.wait()
+    ms = {key: median(v) * 1e3 for key, v in times.items()}
+    slow = {k: ms[k, "busy"] / ms[k, "as is"] for k in variants}
+    print(f"\nBusy machine, 2 threads, cache {SINKS}+{C - SINKS}: ms/token with the machine as it is -> "
+          f"with a second process spinning on one core")
+    for k in variants:
+        print(f"  {k:<7} {ms[k, 'as is']:7.1f} -> {ms[k, 'busy']:7.1f}  ({slow[k]:.2f}x slower)")
+    print(f"  sink's slowdown / static's: {slow['sink'] / slow['static']:.2f}", flush=True)
+
+
+def rss_mb() -> float:
+    """Resident memory now (not the peak), from /proc; the peak where there is no /proc."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def positions(model, ids_for, args) -> None:
+    """Eager sink step latency at stream positions, cache 4+1020, and RSS after each."""
+    torch.set_num_threads(args.position_threads)
+    W = 1020
+    stream = Stream(model, "sink", SINKS, W)
+    print(f"\nLatency vs stream position, cache {SINKS}+{W}, {args.position_threads} thread(s), median of "
+          f"{args.steps * args.rounds} steps")
+    print(f"  {'position':>9}  {'ms/token':>8}  {'RSS MB':>10}  fast-forward (chunked prefill)")
+    for position in args.positions:
+        start, before = time.perf_counter(), stream.tokens_seen
+        for s in range(before, position, 4096):   # in pieces: the ids for 100K positions are generated lazily
+            stream.feed(ids_for(s, min(s + 4096, position)))
+        took = time.perf_counter() - start
+        src = tokens(model.config.vocab_size)
+        ms = median(timer(lambda: stream.feed(next(src)))(args.steps * args.rounds)) * 1e3
+        rss = rss_mb()
+        print(f"  {position:>9,}  {ms:8.1f}  {rss:10,.0f}  {position - before:,} tokens in {took:.0f} s", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m minisink.bench decode", description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="256,512,1024,2048,4096", help="cache sizes S+W for sink vs recompute")
-    p.add_argument("--near", type=int, default=2048, help="first stream position timed (latency)")
-    p.add_argument("--far", type=int, default=50000, help="second stream position timed (latency)")
-    p.add_argument("--window", type=int, default=1020, help="W of the latency run (S=4)")
-    p.add_argument("--steps", type=int, default=20, help="sink decode steps timed per measurement")
-    p.add_argument("--recompute-steps", type=int, default=3, help="recompute steps timed per size")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--models", default="llama-134m,pythia-160m", help=f"shapes from {', '.join(CONFIGS)}")
+    p.add_argument("--caches", default="256,1024,2048", help="cache sizes C = S+W, S=4")
+    p.add_argument("--threads", default="1,2", help="torch CPU thread counts")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant per round")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip Stream(compile=True)")
+    p.add_argument("--recompute-steps", type=int, default=1, help="recompute steps timed (0: skip)")
+    p.add_argument("--busy", action="store_true", help="also: 2-thread slowdown under a second busy process")
+    p.add_argument("--positions", default="", help="also: latency at these stream positions, e.g. 2048,100000")
+    p.add_argument("--position-threads", type=int, default=1)
+    p.add_argument("--positions-shape", default="tiny", choices=["tiny", "small", "full"])
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sizes = [int(s) for s in args.sizes.split(",") if s]
+    args.positions = [int(x) for x in args.positions.split(",") if x]
+    caches, threads = [int(c) for c in args.caches.split(",") if c], [int(t) for t in args.threads.split(",") if t]
 
-    d = CONFIGS["pythia-160m"]
-    model = random_model(d)
-    n_params, weights = sum(p.numel() for p in model.parameters()), weight_bytes(model)
-    ids = torch.randint(0, d["vocab_size"], (1, max(args.far, *sizes) + 2 * args.steps + 64),
-                        generator=torch.Generator().manual_seed(0))
-    print(f"Pythia-160M shape (GPT-NeoX {d['hidden_size']}d x {d['num_hidden_layers']} layers, "
-          f"{d['num_attention_heads']} heads, vocab {d['vocab_size']}), {n_params / 1e6:.0f}M params "
-          f"({weights / 1e9:.2f} GB), random weights, fp32, batch 1")
-    print(machine("cpu"))
-
-    S, W = SINKS, args.window
-    print(f"\n1. sink: per-token latency vs stream position (cache {S}+{W}, median of {args.steps} decode steps)")
-    print(f"   {'position':>9}  {'ms/token':>8}  {'GB/s':>5}  fast-forward to the position (chunked prefill, same cache)")
-    stream = Stream(model, "sink", S, W)
-    for position in (args.near, args.far):
-        before = stream.tokens_seen
-        took = fast_forward(stream, ids, position)
-        per_token = seconds_per_token(stream, ids, position, args.steps)
-        print(f"   {position:>9,}  {per_token * 1e3:8.1f}  {weights / per_token / 1e9:5.1f}  "
-              f"{position - before:,} tokens in {took:.1f} s ({(position - before) / took:,.0f} tok/s, "
-              f"{stream.prefill_chunk}/forward)")
-
-    print(f"\n2. sink vs recompute, per token, cache C = {S} + (C-{S}); sink: median of {args.steps} decode "
-          f"steps with the cache full; recompute: median of {args.recompute_steps} forwards over C tokens")
-    print(f"   {'C':>5}  {'sink ms/tok':>11}  {'recompute ms/tok':>16}  {'speedup':>7}")
-    for C in sizes:
-        P = C + 8                                           # the cache full, and its ring moved on
-        sink = Stream(model, "sink", S, C - S)
-        fast_forward(sink, ids, P)
-        t_sink = seconds_per_token(sink, ids, P, args.steps)
-        del sink
-        recompute = Stream(model, "recompute", S, C - S)
-        recompute.history = ids[:, P - (C - 1):P]           # its whole state: the last C-1 token ids
-        t_re = seconds_per_token(recompute, ids, P, args.recompute_steps, warmup=1)
-        print(f"   {C:>5}  {t_sink * 1e3:11.1f}  {t_re * 1e3:16.1f}  {t_re / t_sink:6.1f}x", flush=True)
+    print(machine("cpu") + f"; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"torch {torch.__version__}; random weights, fp32, batch 1; {args.rounds} interleaved rounds of "
+          f"{args.steps} steps per variant, medians")
+    for name in [m for m in args.models.split(",") if m]:
+        model = random_model(CONFIGS[name])
+        n_params = sum(p.numel() for p in model.parameters())
+        ids = torch.randint(0, model.config.vocab_size, (1, max(caches) + 64), generator=torch.Generator().manual_seed(1))
+        print(f"\n{name}: {n_params / 1e6:.0f}M params, {weight_bytes(model) / 1e9:.2f} GB of weights")
+        print(f"  {'th':>2}  {'cache':<7}{'sink':>10}{'compiled':>10}{'static':>10}{'recompute':>10}{'bound':>10}"
+              f"  {'sink/':>8} {'sink/':>8} {'compiled/':>8}")
+        print(f"  {'':>2}  {'':<7}{'ms/token':>10}{'':>10}{'':>10}{'':>10}{'':>10}  {'static':>8} {'bound':>8} {'sink':>8}")
+        for t in threads:
+            for C in caches:
+                report(name, C, t, *measure(name, model, C, t, args, ids))
+        if args.busy and name == args.models.split(",")[0]:
+            busy(model, 1024, ids, args)
+        if args.positions and name == args.models.split(",")[0]:
+            small = random_model(scaled(CONFIGS[name], args.positions_shape))
+            print(f"\n{name} scaled to {args.positions_shape}: {sum(p.numel() for p in small.parameters()) / 1e6:.1f}M params")
+            g = torch.Generator().manual_seed(2)
+            positions(small, lambda a, b: torch.randint(0, small.config.vocab_size, (1, b - a), generator=g), args)
+    print(f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

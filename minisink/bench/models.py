@@ -22,6 +22,10 @@ CONFIGS = {
                         num_hidden_layers=12, num_attention_heads=12, rotary_pct=0.25, rotary_emb_base=10000,
                         max_position_embeddings=2048, layer_norm_eps=1e-5, use_parallel_residual=True,
                         hidden_act="gelu", tie_word_embeddings=False),
+    # the random-weight Llama of minisink/bench/eval.py and issue 18: 134M parameters
+    "llama-134m": dict(model_type="llama", vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                       num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=2048,
+                       rms_norm_eps=1e-5),
     "pythia-6.9b": dict(model_type="gpt_neox", vocab_size=50432, hidden_size=4096, intermediate_size=16384,
                         num_hidden_layers=32, num_attention_heads=32, rotary_pct=0.25, rotary_emb_base=10000,
                         max_position_embeddings=2048, layer_norm_eps=1e-5, use_parallel_residual=True,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import attend
+from ..attention import attend, rope_new_keys
 from ..cache import DenseCache, SinkCache
 from ..config import from_json, refuse
 from ..rope import RopeScaling, Rotary, rope_from_config
@@ -104,6 +104,7 @@ class FalconAttention(nn.Module):
         q = qkv[:, :, :, :g].reshape(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = qkv[:, :, :, g].transpose(1, 2)                                              # (B, nkv, T, hd)
         v = qkv[:, :, :, g + 1].transpose(1, 2)                                          # (B, nkv, T, hd)
+        k = rope_new_keys(k, layout, self.rotary)  # stream frame: rotated once, here
         k, v = cache.update(self.layer_idx, k, v)                                        # (B, nkv, L, hd)
         y = attend(q, k, v, layout, self.head_dim ** -0.5, rope=self.rotary)             # (B, T, nh*hd)
         return self.dense(y)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import attend
+from ..attention import attend, rope_new_keys
 from ..cache import DenseCache, SinkCache
 from ..config import from_json, refuse
 from ..rope import RopeScaling, Rotary, rope_from_config
@@ -82,6 +82,7 @@ class GPTNeoXAttention(nn.Module):
         B, T, _ = x.shape
         qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_dim).transpose(1, 2)  # (B, nh, T, 3*hd)
         q, k, v = qkv.chunk(3, dim=-1)                                                # (B, nh, T, hd) each
+        k = rope_new_keys(k, layout, self.rotary)  # stream frame: rotated once, here
         k, v = cache.update(self.layer_idx, k, v)                                     # (B, nh, L, hd)
         # 1/sqrt(hd): HF's `norm_factor`; the scale uses the whole head, not just its rotary part
         y = attend(q, k, v, layout, self.head_dim ** -0.5, rope=self.rotary)          # (B, T, nh*hd)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import attend
+from ..attention import attend, rope_new_keys
 from ..cache import DenseCache, SinkCache
 from ..config import from_json, refuse
 from ..rope import RopeScaling, Rotary, rope_from_config
@@ -87,6 +87,7 @@ class LlamaAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        k = rope_new_keys(k, layout, self.rotary)  # stream frame: rotated once, here
         k, v = cache.update(self.layer_idx, k, v)                                     # (B, nkv, L, hd)
         y = attend(q, k, v, layout, self.head_dim ** -0.5, rope=self.rotary)          # (B, T, nh*hd)
         return self.o_proj(y)
