@@ -117,7 +117,7 @@ def alibi_bias(layout: Layout, slopes: torch.Tensor) -> torch.Tensor:
 
 def _alibi_bias(layout: Layout, slopes: torch.Tensor) -> torch.Tensor:
     q_pos = layout.q_pos[:, None]
-    if layout.q_pos_sink is not None:  # a chunk past the capacity: sinks seen from another position
+    if layout.q_pos_sink is not None:  # two query positions: sinks are seen from the second
         q_pos = torch.where(layout.is_sink, layout.q_pos_sink[:, None], q_pos)
     distance = (q_pos - layout.k_pos[None, :]).float()              # (T, L)
     return -slopes[:, None, None] * distance
