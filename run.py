@@ -362,7 +362,7 @@ class Demo:
 
     def __init__(self, args, model, tokenizer, stream: Stream, template: Template, out=None, notes=()):
         self.args, self.model, self.tok, self.stream, self.template = args, model, tokenizer, stream, template
-        self.notes = list(notes)  # said on stderr once the first logits are sound: a failure stays one line
+        self.notes = list(notes)  # said on stderr just before the first text: a failure stays one line
         self.out = out or sys.stdout
         self.meter = Meter(model, compile=args.compile)
         self.status = StatusLine(not args.no_status)
@@ -383,20 +383,24 @@ class Demo:
 
     def feed(self, ids: list[int]):
         logits = self.stream.feed(torch.tensor([ids], dtype=torch.long))
-        if not self.meter.fed and not bool(torch.isfinite(logits).all()):  # once, on the first logits
+        if ids and not self.meter.fed and not bool(torch.isfinite(logits).all()):  # once, on the first logits
             raise UserError(f"{self.args.model or 'the default model'}: its first logits are NaN or infinite: the "
                             "weights hold NaN/inf (a corrupt or wrongly converted checkpoint)" +
                             ("; or fp16 overflows: try --dtype bf16 or fp32" if self.stream.dtype == torch.float16 else ""))
+        self.meter.fed += len(ids)
+
+    def say_notes(self):
+        """The cache's notes (a capped default, a window past the trained context), once."""
         for note in self.notes:
             print(f"run.py: {note}", file=sys.stderr, flush=True)
         self.notes = []
-        self.meter.fed += len(ids)
 
     def monologue(self, start_ids: list[int], echo_ids: list[int]):
         """--stream: the prompt (echoed), then the model's text, token by token, until N or Ctrl-C."""
         self.decoder = self.tok.stream_decoder()
         self.meter.start()
         self.feed(start_ids)
+        self.say_notes()
         for token in echo_ids:  # through the decoder, so the first generated token is spaced right
             self.write(self.decoder.push(token))
         for token in self.stream.generate(max_new_tokens=self.args.max_new_tokens, **self.sample):
@@ -413,6 +417,7 @@ class Demo:
         self.feed(start_ids)
         transcript = []
         for user in turns:
+            self.say_notes()
             ids = template.turn_ids(self.tok, user, first=self.turns == 0)
             self.turns += 1
             self.write((f"USER: {user}\n" if echo else "") + "ASSISTANT: ")

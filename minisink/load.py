@@ -120,12 +120,17 @@ class SkipRandomInit(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def on_meta(cls, config):
+    """The model `cls(config)` on the meta device: shapes only, no memory, no random init."""
+    with torch.device("meta"), SkipRandomInit():
+        return cls(config)
+
+
 def load_model(folder, dtype: torch.dtype = torch.float32, device="cpu"):
     """The model in `folder`, in `dtype` on `device`, in eval mode."""
     folder = Path(folder)
     cls, config = build_config(read_config(folder), where=str(folder / "config.json"))
-    with torch.device("meta"), SkipRandomInit():
-        model = cls(config)
+    model = on_meta(cls, config)
     expected, aliases, ignore = checkpoint_names(model)
 
     files = checkpoint_files(folder)

@@ -46,7 +46,8 @@ def choose_window(config: dict, sink_size: int, window_size: int | None,
             why += f", capped at {slots} slots" + (" (the model's sliding window)" if slots == sliding_window else "")
         if window_size < 1:
             raise CacheSizeError(f"--sink-size {sink_size} leaves no room for a window in a cache of {slots} slots")
-        notes.append(f"cache: {sink_size} sinks + a window of {window_size} = {why}; --window-size W to change")
+        if slots < known or not context:  # the plain case (the whole trained context) needs no word
+            notes.append(f"cache: {sink_size} sinks + a window of {window_size} = {why}; --window-size W to change")
     elif sliding_window is not None and sink_size + window_size > sliding_window:
         raise CacheSizeError(f"a cache of {sink_size}+{window_size} slots is wider than the model's sliding window "
                              f"of {sliding_window} tokens, which it never attends past: use --window-size "
@@ -62,8 +63,8 @@ def cache_bytes(model_cls, config, capacity: int, dtype: torch.dtype, batch_size
 
     Measured, not computed per architecture: one token goes through the model on the meta device
     (shapes only, no memory, no arithmetic), and the cache allocates its buffers there."""
-    with torch.device("meta"):
-        model = model_cls(config).to(dtype)
+    from .load import on_meta  # late: load imports this module's neighbours
+    model = on_meta(model_cls, config).to(dtype)
     cache = SinkCache(0, capacity, device="meta", dtype=dtype)
     with torch.no_grad():
         model(torch.zeros(batch_size, 1, dtype=torch.long, device="meta"), cache)
@@ -87,9 +88,17 @@ def check_fits(model_cls, config, capacity: int, dtype: torch.dtype, device: tor
     free = free_memory(torch.device(device))
     if free is None:
         return
-    with torch.device("meta"):
-        weights = sum(p.numel() for p in model_cls(config).parameters()) * dtype.itemsize
-    cache = cache_bytes(model_cls, config, capacity, dtype)
+    from .load import on_meta
+    model = on_meta(model_cls, config)
+    weights = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+    # Each slot holds a key and a value per layer, neither wider than the model (GQA and MQA are
+    # narrower): a bound without a forward pass. Only when it does not fit is the cache measured
+    # exactly, by a pass on the meta device, which imports torch._dynamo (seconds on a busy CPU).
+    width = max(m.embedding_dim for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    layers = max(len(m) for m in model.modules() if isinstance(m, torch.nn.ModuleList))
+    cache = 2 * capacity * width * layers * dtype.itemsize
+    if weights + cache > free:
+        cache = cache_bytes(model_cls, config, capacity, dtype)
     if weights + cache > free:
         gb = lambda n: f"{n / 1e9:,.2f} GB"
         raise CacheSizeError(f"a cache of {capacity:,} slots needs {gb(cache)} and the weights {gb(weights)} in "

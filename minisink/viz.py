@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import eval as ev
-from .attention import attention_probs
+from .attention import attention_probs, rope_new_keys
 from .cache import DenseCache, SinkCache
 
 # the offline assets beside the checkout (../shared/assets), as the tests and tutorials find them
@@ -57,6 +57,7 @@ def attention_maps(model, ids: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q = attn.q_proj(x).view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)      # (B, nh, T, hd)
         k = attn.k_proj(x).view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)   # (B, nkv, T, hd)
+        k = rope_new_keys(k, layout, attn.rotary)  # as the cache stores them (rotated once)
         maps.append(attention_probs(q, k, layout, attn.head_dim ** -0.5, attn.rotary))
         seen.pop(attn.layer_idx)                    # free each layer's activations once used
     return torch.stack(maps)
@@ -179,7 +180,8 @@ def cache_rows(cache: SinkCache, T: int) -> torch.Tensor:
     rows = torch.zeros(T, T, dtype=torch.bool)
     for t in range(T):
         layout = cache.begin(1)
-        keys = cache.slot_token[layout.mask[0]]         # the tokens in the slots the query may see
+        in_use = cache.slot_token[:layout.mask.shape[1]]  # a filling cache plans only the slots in use
+        keys = in_use[layout.mask[0]]                   # the tokens in the slots the query may see
         rows[t, keys] = True
     return rows
 

@@ -580,7 +580,17 @@ def test_cache_that_does_not_fit_in_memory_is_refused(tmp_path):
 
 
 def test_default_window_is_said_and_capped(tmp_path):
+    """The whole trained context is the plain case: the summary names S and W, and nothing else is
+    said (stderr stays one line). A default that differs from it is said before the text."""
     need_assets(STORIES)
     code, err = main_in_process(["--model", str(STORIES), "--stream", "--max-new-tokens", "2"])
+    assert code == 0 and "run.py: cache:" not in err and "(sink, S=4 W=508)" in err
+    folder = tmp_path / "long"
+    shutil.copytree(STORIES, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 8192
+    (folder / "config.json").write_text(json.dumps(config))
+    code, err = main_in_process(["--model", str(folder), "--stream", "--max-new-tokens", "2"])
     assert code == 0
-    assert "run.py: cache: 4 sinks + a window of 508 = the trained context 512; --window-size W to change" in err
+    assert "run.py: cache: 4 sinks + a window of 4092 = the trained context 8192, capped at 4096 slots; " \
+           "--window-size W to change" in err.splitlines()[0]
