@@ -118,7 +118,8 @@ class Case:
 
     @property
     def model_folder(self) -> Path:
-        return (self.folder / self.model["source"]).resolve()
+        # relative to the case folder; "~/..." for a model that lives in the user's cache (SmolLM2)
+        return (self.folder / Path(self.model["source"]).expanduser()).resolve()
 
     def golden(self) -> dict[str, torch.Tensor]:
         path = self.folder / "golden.safetensors"
