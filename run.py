@@ -33,7 +33,7 @@ import torch
 from minisink import cli
 from minisink.chat import ChatTemplateError, TemplateTurns, encode_rendered, read_chat_template
 from minisink.cli import UserError
-from minisink.generate import POLICIES, Stream
+from minisink.generate import POLICIES, Stream, first_token
 from minisink.hub import model_table, one_line, resolve
 from minisink.load import DTYPES, build_config, load_model, read_config
 from minisink.sizing import CacheSizeError, check_fits, choose_window
@@ -506,15 +506,9 @@ class Demo:
 # -------------------------------------------------------------------------------------------- main
 
 def start_ids(tokenizer, config: dict, prompt: str) -> tuple[list[int], list[int]]:
-    """(ids the stream starts with, the prompt's own ids to echo). A model pre-trained with a
-    dedicated sink token (minisink/train.py --sink-token) starts with that token instead of BOS."""
-    sink = config.get("minisink_sink_token_id")
-    first = sink if sink is not None else tokenizer.bos_id
-    if config.get("model_type") in ("falcon", "RefinedWeb", "RefinedWebModel"):
-        # Falcon's tokenizer names no BOS, and its config.json says 11 (<|endoftext|>, which separated
-        # its training documents), but falcon-40b's first release says 1: >>ABSTRACT<<, a tag for the
-        # start of a paper's abstract. Every Falcon starts from <|endoftext|>.
-        first = getattr(tokenizer, "piece_to_id", {}).get("<|endoftext|>", first)
+    """(ids the stream starts with, the prompt's own ids to echo): minisink.generate.first_token,
+    then the prompt."""
+    first = first_token(tokenizer, config)
     prompt_ids = tokenizer.encode(prompt) if prompt else []
     if first is None and not prompt_ids:
         raise UserError("this tokenizer has no BOS token to start from: give --prompt TEXT")

@@ -252,20 +252,21 @@ def choose_cache(args, device) -> tuple[int, list[str]]:
 
 
 def read_stream(args) -> list[int]:
-    """BOS (if the tokenizer has one) + the text's tokens, at most args.tokens in all."""
+    """The stream's first token (BOS, as run.py starts a stream) + the text's tokens, at most args.tokens in all."""
     from .load import read_config
     try:
         from .tokenizer import load_tokenizer
     except ImportError as e:
         raise UserError(f"minisink.tokenizer is not available ({e})") from None
     text = cli.decode_utf8(sys.stdin.buffer.read(), "stdin") if args.text == "-" else cli.read_text(args.text)
-    read_config(args.model)  # a wrong folder is best reported as such, before its tokenizer
+    config = read_config(args.model)  # a wrong folder is best reported as such, before its tokenizer
     try:
         tokenizer = load_tokenizer(args.model)
     except ValueError as e:  # a tokenizer file that minisink cannot read (UnsupportedTokenizerError, ...)
         raise UserError(str(e)) from None
-    bos = getattr(tokenizer, "bos_id", None)
-    ids = ([bos] if bos is not None and bos >= 0 else []) + tokenizer.encode(text, bos=False)
+    from .generate import first_token
+    first = first_token(tokenizer, config)
+    ids = ([first] if first is not None else []) + tokenizer.encode(text, bos=False)
     if len(ids) < 2:
         raise UserError(f"{args.text}: the text has too few tokens to score ({len(ids)})")
     if len(ids) < args.tokens:

@@ -27,6 +27,20 @@ from .cache import DenseCache, SinkCache
 POLICIES = ("dense", "window", "sink", "recompute")
 
 
+def first_token(tokenizer, config: dict) -> int | None:
+    """The token every stream of this model starts with: BOS, where the model has one.
+
+    A model pre-trained with a dedicated sink token (minisink/train.py --sink-token) starts with that
+    token. Falcon's tokenizer names no BOS, and its config.json says 11 (<|endoftext|>, which
+    separated its training documents), but falcon-40b's first release says 1: >>ABSTRACT<<, a tag for
+    the start of a paper's abstract. Every Falcon starts from <|endoftext|>."""
+    sink = config.get("minisink_sink_token_id")
+    first = sink if sink is not None else getattr(tokenizer, "bos_id", None)
+    if config.get("model_type") in ("falcon", "RefinedWeb", "RefinedWebModel"):
+        first = getattr(tokenizer, "piece_to_id", {}).get("<|endoftext|>", first)
+    return first if first is not None and first >= 0 else None
+
+
 def make_cache(policy: str, sink_size: int, window_size: int, device, dtype) -> SinkCache:
     """The cache a policy streams through. For `window` the S+W slots all become window."""
     if policy == "sink":

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from minisink.generate import first_token
 from minisink.tokenizer import (
     BPETokenizer,
     SentencePieceTokenizer,
@@ -397,6 +398,11 @@ def test_falcon_folder_config_files(tmp_path):
     assert tok.encode(">>TITLE<<Hi", bos=True) == [1, 0, *tok.encode("Hi")]
     falcon = ours("falcon")  # the bare tokenizer.json: <|endoftext|> for both
     assert (falcon.bos_id, falcon.eos_id, falcon.vocab_size) == (11, 11, 65024)
+    # a stream (run.py, eval) of any Falcon starts from <|endoftext|>, even where config.json says 1
+    # (>>ABSTRACT<<, falcon-40b's first release); other models from BOS, or a trained sink token
+    assert tok.id_to_piece(1) == ">>ABSTRACT<<" and first_token(tok, {"model_type": "RefinedWeb"}) == 11
+    assert first_token(tok, {"model_type": "llama"}) == 1
+    assert first_token(tok, {"model_type": "llama", "minisink_sink_token_id": 5}) == 5
 
 
 def test_pythia_folder_config_files(tmp_path):
