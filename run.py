@@ -36,7 +36,7 @@ from minisink.cli import UserError
 from minisink.generate import POLICIES, Stream, first_token
 from minisink.hub import model_table, one_line, resolve
 from minisink.load import DTYPES, build_config, load_model, read_config
-from minisink.sizing import CacheSizeError, check_fits, choose_window
+from minisink.sizing import CacheSizeError, check_fits, choose_window, step_read_bytes
 from minisink.tokenizer import load_tokenizer
 
 HERE = Path(__file__).resolve().parent
@@ -276,8 +276,7 @@ class Meter:
     eagerly), so the first two tokens of the first generation count as "first token"."""
 
     def __init__(self, model, compile: bool = False):
-        # parameters() lists a tied weight once: a decode step reads it once
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.weight_bytes = step_read_bytes(model)   # what a decode step reads: an embedding one row
         self.fed = self.generated = self.decoded = 0
         self.first_s = self.decode_s = 0.0
         self._last, self._first = None, True

@@ -13,13 +13,18 @@ For each model shape, thread count and cache size C = 4 + (C-4), in one process,
                  ones masked; what HF's StaticCache or gpt-fast do. No sinks, no ring, no eviction:
                  it cannot go past C tokens. Same model code, same attention as `sink`.
   recompute      Stream(policy="recompute"): a forward over the last C tokens for every token
-  read bound     the bytes a step must read (every weight once, K and V of C slots per layer) over
-                 the memory bandwidth probed in this run (a large tensor copy: read + write bytes)
+  matvec         the step's weight reads alone: every weight matrix of the model times a vector,
+                 through F.linear, nothing else. What PyTorch's fp32 mat-vec makes of those bytes on
+                 this CPU: the floor of any step written in PyTorch, streaming or not.
+  read bound     the bytes a step must read (every weight once, an untied input embedding one row,
+                 K and V of C slots per layer) over the memory bandwidth probed in this run (a large
+                 tensor copy: read + write bytes)
 
 The timed variants are interleaved, A B C A B C ..., `--rounds` times with `--steps` timed steps
 each (after 2 warm-up steps), and the median over all steps is reported: a shared machine drifts,
 and interleaving spreads the drift over all of them alike. recompute takes seconds per token, so it
-is timed in the first round only. Ratios: sink / static, compiled / sink, sink / read bound.
+is timed in the first round only. Ratios: sink / static, sink / read bound, matvec / read bound,
+compiled / sink.
 
 --busy: at 2 threads, the same sink and static steps with the machine as it is, then with a second
 process (started here) spinning on one core, interleaved; how much each slows down, and the ratio.
@@ -87,6 +92,18 @@ def bandwidth(threads: int, mb: int = 512, repeats: int = 5) -> float:
         dst.copy_(src)
         times.append(time.perf_counter() - start)
     return 2 * src.numel() * 4 / median(times[1:])
+
+
+def matvec_stepper(model):
+    """Every weight matrix of the model (nn.Linear; a tied one once) times one vector, as a step
+    reads them: the mat-vec floor, without attention, norms, activations or the cache."""
+    mats = list({id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}.values())
+    vectors = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in mats}
+
+    def step():
+        for w in mats:
+            torch.nn.functional.linear(vectors[w.shape[1]], w)
+    return step
 
 
 def timer(step) -> callable:
@@ -161,6 +178,7 @@ def measure(name, model, C, threads, args, ids):
     per_round = args.steps + 2
     static_step, rewind = static_stepper(model, C, ids, per_round)
     variants["static"] = timer(static_step)
+    variants["matvec"] = timer(matvec_stepper(model))
     times = {k: [] for k in variants}
     for _ in range(args.rounds):
         rewind()
@@ -178,9 +196,10 @@ def measure(name, model, C, threads, args, ids):
 
 
 def report(name, C, threads, ms, compile_s, bw, read) -> None:
-    cols = ["sink", "sink compiled", "static", "recompute", "read bound"]
+    cols = ["sink", "sink compiled", "static", "matvec", "recompute", "read bound"]
     cells = "".join(f"{ms[c]:>10.1f}" if c in ms else f"{'-':>10}" for c in cols)
-    ratios = f"{ms['sink'] / ms['static']:>7.2f}x {ms['sink'] / ms['read bound']:>7.2f}x"
+    ratios = (f"{ms['sink'] / ms['static']:>7.2f}x {ms['sink'] / ms['read bound']:>7.2f}x "
+              f"{ms['matvec'] / ms['read bound']:>7.2f}x")
     ratios += f" {ms['sink compiled'] / ms['sink']:>7.2f}x" if "sink compiled" in ms else f" {'-':>8}"
     extra = f"  compile {compile_s:.0f} s" if compile_s is not None else ""
     print(f"  {threads:>2}  {SINKS}+{C - SINKS:<5}{cells}  {ratios}  {bw / 1e9:5.1f} GB/s, {read / 1e9:.2f} GB{extra}",
@@ -266,10 +285,12 @@ def main(argv=None):
         model = random_model(CONFIGS[name])
         n_params = sum(p.numel() for p in model.parameters())
         ids = torch.randint(0, model.config.vocab_size, (1, max(caches) + 64), generator=torch.Generator().manual_seed(1))
-        print(f"\n{name}: {n_params / 1e6:.0f}M params, {weight_bytes(model) / 1e9:.2f} GB of weights")
-        print(f"  {'th':>2}  {'cache':<7}{'sink':>10}{'compiled':>10}{'static':>10}{'recompute':>10}{'bound':>10}"
-              f"  {'sink/':>8} {'sink/':>8} {'compiled/':>8}")
-        print(f"  {'':>2}  {'':<7}{'ms/token':>10}{'':>10}{'':>10}{'':>10}{'':>10}  {'static':>8} {'bound':>8} {'sink':>8}")
+        print(f"\n{name}: {n_params / 1e6:.0f}M params, {weight_bytes(model) / 1e9:.2f} GB of weights read per "
+              f"step (an untied input embedding: one row)")
+        print(f"  {'th':>2}  {'cache':<7}{'sink':>10}{'compiled':>10}{'static':>10}{'matvec':>10}{'recompute':>10}"
+              f"{'bound':>10}  {'sink/':>8} {'sink/':>8} {'matvec/':>8} {'compiled/':>8}")
+        print(f"  {'':>2}  {'':<7}{'ms/token':>10}{'':>10}{'':>10}{'':>10}{'':>10}{'':>10}  {'static':>8} "
+              f"{'bound':>8} {'bound':>8} {'sink':>8}")
         for t in threads:
             for C in caches:
                 report(name, C, t, *measure(name, model, C, t, args, ids))

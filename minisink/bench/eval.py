@@ -26,6 +26,7 @@ from ..cache import SinkCache
 from ..eval import streaming_nll
 from ..load import DTYPES
 from ..models.llama import LlamaConfig, LlamaForCausalLM
+from ..sizing import step_read_bytes
 
 SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
              num_attention_heads=12, max_position_embeddings=2048, rms_norm_eps=1e-5)
@@ -56,7 +57,7 @@ def main(argv=None):
     with torch.device(device):
         model = LlamaForCausalLM(LlamaConfig.from_dict(SHAPE)).to(dtype).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = step_read_bytes(model)
     ids = torch.randint(0, SHAPE["vocab_size"], (N,), device=device)
     print(f"Llama {SHAPE['hidden_size']}d x {SHAPE['num_hidden_layers']} layers, {n_params / 1e6:.0f}M params, "
           f"{args.dtype} on {device}, {torch.get_num_threads()} threads; {N} tokens, cache {S}+{W}")

@@ -23,8 +23,12 @@ and few tokens, so that it finishes in about a minute: four 7B models in fp32 ne
 compiled step uses inductor's C++ backend there (no CUDA graphs); compiling takes most of the time.
 """
 import argparse
+import json
 import re
 import time
+import warnings
+from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -61,47 +65,161 @@ def kv_bytes(stream) -> int:
     return sum(t.numel() * t.element_size() for t in [*stream.cache.k, *stream.cache.v])
 
 
-def run_model(name, d, args, device, dtype, peak):
+def copy_bandwidth(device, gib: float = 4.0, repeats: int = 10) -> float:
+    """Bytes per second of a large device-to-device copy, bytes read + bytes written, median of
+    `repeats` (random data, not zeros). What the memory really delivers, next to the datasheet."""
+    if torch.device(device).type != "cuda":
+        from .decode import bandwidth
+        return bandwidth(torch.get_num_threads())
+    src = torch.empty(int(gib * 2**30) // 2, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(repeats + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * gib * 2**30 / median(times)
+
+
+class GraphCounts:
+    """Counts CUDA graph captures and replays (torch.cuda.CUDAGraph, which torch.compile's
+    reduce-overhead mode records into) while active; and graphs dynamo compiled, and the steps
+    inductor ran without a CUDA graph (its `cudagraph_skips` counter)."""
+
+    def __enter__(self):
+        from torch._dynamo.utils import counters
+        self.counters, self.captures, self.replays = counters, 0, 0
+        self._graphs0 = counters["stats"]["unique_graphs"]
+        self._skips0 = counters["inductor"]["cudagraph_skips"]
+        if torch.cuda.is_available():
+            cls = torch.cuda.CUDAGraph
+            self._begin, self._replay = cls.capture_begin, cls.replay
+
+            def capture_begin(graph, *a, **kw):
+                self.captures += 1
+                return self._begin(graph, *a, **kw)
+
+            def replay(graph, *a, **kw):
+                self.replays += 1
+                return self._replay(graph, *a, **kw)
+            cls.capture_begin, cls.replay = capture_begin, replay
+        return self
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.CUDAGraph.capture_begin, torch.cuda.CUDAGraph.replay = self._begin, self._replay
+
+    @property
+    def compiled(self) -> int:
+        return self.counters["stats"]["unique_graphs"] - self._graphs0
+
+    @property
+    def skips(self) -> int:
+        return self.counters["inductor"]["cudagraph_skips"] - self._skips0
+
+
+def host_syncs(step, n: int, device) -> int | None:
+    """How many times `n` calls of step() made the host wait for the GPU (torch.cuda's sync debug
+    mode, which warns at every synchronising call: .item(), .tolist(), nonzero, a copy to the host).
+    None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(n):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def per_block(step, n: int, device, block: int = 100) -> list[float]:
+    """Seconds per token of each block of `block` calls, n // block blocks, synchronised at block
+    ends only (on a GPU a step is queued long before it runs). CPU: blocks of the median call."""
+    if torch.device(device).type != "cuda":
+        return [seconds_per_call(step, block, device, warmup=0) for _ in range(max(1, n // block))]
+    out = []
+    for _ in range(max(1, n // block)):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(block):
+            step()
+        sync(device)
+        out.append((time.perf_counter() - start) / block)
+    return out
+
+
+def run_model(name, d, args, device, dtype, peak, copy_bw) -> list[dict]:
+    """Every mode for one model in one dtype; returns a row per mode (also printed)."""
     model = random_model(d, device, dtype)
     weights = weight_bytes(model)
     S, W = args.sink_size, args.window_size
-    most = max(args.tokens, args.eager_tokens, 2 * args.recompute_tokens)
-    ids = torch.randint(0, d["vocab_size"], (1, S + W + most + 64), device=device)
-    print(f"\n{name}: {sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M params, "
+    most = args.tokens + args.eager_tokens + args.recompute_tokens + 3 * args.sync_steps + 64
+    ids = torch.randint(0, d["vocab_size"], (1, S + W + most), device=device)
+    dt = str(dtype).removeprefix("torch.")
+    print(f"\n{name}, {dt}: {sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M params, "
           f"{weights / 1e9:.3f} GB of weights")
     print(f"  {'mode':<15} {'tokens':>6} {'ms/tok':>8} {'tok/s':>7} {'weights GB/s':>12} "
-          f"{'+KV GB/s':>8} {'% peak':>6}")
+          f"{'+KV GB/s':>8} {'% peak':>6} {'% copy':>6}  first/last block ms")
+    rows = []
 
-    def report(mode, tokens, seconds, kv=0):
+    def report(mode, blocks, tokens, kv=0, **extra):
+        seconds = sum(blocks) / len(blocks)
         moved = (weights + kv) / seconds
         frac = f"{100 * moved / peak:5.1f}%" if peak else "   n/a"
         kv_col = f"{moved / 1e9:8.1f}" if kv else f"{'-':>8}"
+        flat = f"  {blocks[0] * 1e3:.2f} / {blocks[-1] * 1e3:.2f}" if len(blocks) > 1 else ""
         print(f"  {mode:<15} {tokens:>6} {seconds * 1e3:8.2f} {1 / seconds:7.1f} {weights / seconds / 1e9:12.1f} "
-              f"{kv_col} {frac}", flush=True)
+              f"{kv_col} {frac} {100 * moved / copy_bw:5.1f}%{flat}", flush=True)
+        rows.append(dict(model=name, dtype=dt, mode=mode, tokens=tokens, ms_per_token=seconds * 1e3,
+                         weights_gb=weights / 1e9, kv_gb=kv / 1e9, gb_per_s=moved / 1e9,
+                         frac_peak=moved / peak if peak else None, frac_copy=moved / copy_bw,
+                         first_block_ms=blocks[0] * 1e3, last_block_ms=blocks[-1] * 1e3, **extra))
         return seconds
 
-    def stream_past_full_cache(stream, n):
-        stream.feed(ids[:, :S + W])                       # fast-forward: chunked prefill fills the cache
+    def past_full_cache(stream):
+        """The cache filled by chunked prefill (exact), then a step() that feeds the next token."""
+        stream.feed(ids[:, :S + W])
         positions = iter(range(S + W, ids.shape[1]))
-        step = lambda: stream.feed(ids[:, next(positions)][:, None])
-        return seconds_per_call(step, n, device, warmup=3), stream
+        return lambda: stream.feed(ids[:, next(positions)][:, None])
 
-    t_eager, eager = stream_past_full_cache(Stream(model, "sink", S, W), args.eager_tokens)
-    report("sink eager", args.eager_tokens, t_eager, kv_bytes(eager))
-    results = {"sink eager": t_eager}
+    eager = Stream(model, "sink", S, W)
+    step = past_full_cache(eager)
+    for _ in range(3):
+        step()
+    syncs = host_syncs(step, args.sync_steps, device)
+    blocks = per_block(step, args.eager_tokens, device, args.block)
+    t_eager = report("sink eager", blocks, len(blocks) * args.block, kv_bytes(eager), host_syncs=syncs)
+    best = ("sink eager", t_eager)
     if args.compile:
         torch._dynamo.reset()
-        start = time.perf_counter()
-        compiled = Stream(model, "sink", S, W, compile=True)
-        compiled.feed(ids[:, :S + W])
-        for t in range(S + W, S + W + 3):                 # compiles, then records the CUDA graph
-            compiled.feed(ids[:, t:t + 1])
-        sync(device)
-        compile_s = time.perf_counter() - start
-        compiled.cache.reset()
-        t_comp, compiled = stream_past_full_cache(compiled, args.tokens)
-        results["sink compiled"] = report("sink compiled", args.tokens, t_comp, kv_bytes(compiled))
-        # the same tokens through both streams from the start: the logits must agree
+        with GraphCounts() as warm:
+            start = time.perf_counter()
+            compiled = Stream(model, "sink", S, W, compile=True)
+            step = past_full_cache(compiled)
+            for _ in range(3):                            # compiles, warms up, records the CUDA graph
+                step()
+            sync(device)
+            compile_s = time.perf_counter() - start
+        with GraphCounts() as timed:
+            syncs = host_syncs(step, args.sync_steps, device)
+            blocks = per_block(step, args.tokens, device, args.block)
+        steps = args.sync_steps + len(blocks) * args.block
+        t_comp = report("sink compiled", blocks, len(blocks) * args.block, kv_bytes(compiled), compile_s=compile_s, host_syncs=syncs,
+                        graphs_compiled_warmup=warm.compiled, graph_captures_warmup=warm.captures,
+                        graphs_compiled_timed=timed.compiled, graph_captures_timed=timed.captures,
+                        graph_replays_timed=timed.replays, timed_steps=steps, cudagraph_skips=warm.skips + timed.skips)
+        best = min(best, ("sink compiled", t_comp), key=lambda b: b[1])
+        # the same tokens through a fresh eager stream and the compiled one: the logits must agree
         check = [Stream(model, "sink", S, W), compiled]
         for s in check:
             s.cache.reset()
@@ -110,26 +228,43 @@ def run_model(name, d, args, device, dtype, peak):
         for t in range(S + W, S + W + 8):
             want, got = (s.feed(ids[:, t:t + 1]).float() for s in check)
             diff, scale = max(diff, (got - want).abs().max().item()), max(scale, want.abs().max().item())
-        print(f"  (compiling took {compile_s:.0f} s; compiled vs eager logits over 8 steps: "
-              f"max |diff| {diff:.1e}, max |logit| {scale:.1f})")
+        rows[-1].update(logit_diff=diff, logit_scale=scale)
+        print(f"  (compile + warm-up {compile_s:.0f} s: dynamo graphs {warm.compiled}, CUDA graph captures "
+              f"{warm.captures}; then {steps} steps: {timed.compiled} recompiles, {timed.captures} captures, "
+              f"{timed.replays} replays, {warm.skips + timed.skips} cudagraph skips; host syncs in "
+              f"{args.sync_steps} steps: eager {rows[0]['host_syncs']}, compiled {syncs}; "
+              f"compiled vs eager logits, 8 steps: max |diff| {diff:.1e} of max |logit| {scale:.1f})", flush=True)
         del compiled, check
     del eager
 
-    recompute = Stream(model, "recompute", S, W)
-    recompute.history = ids[:, :S + W - 1]               # its whole state: the last S+W-1 token ids
-    positions = iter(range(S + W - 1, ids.shape[1]))
-    step = lambda: recompute.feed(ids[:, next(positions)][:, None])
-    results["recompute"] = report("recompute", args.recompute_tokens,
-                                  seconds_per_call(step, args.recompute_tokens, device, warmup=1))
-    with use_sdpa():
-        results["recompute sdpa"] = report("recompute sdpa", args.recompute_tokens,
-                                           seconds_per_call(step, args.recompute_tokens, device, warmup=1))
-    best = "sink compiled" if "sink compiled" in results else "sink eager"
-    print(f"  speedup of {best} over recompute: {results['recompute'] / results[best]:.1f}x "
-          f"(over recompute sdpa: {results['recompute sdpa'] / results[best]:.1f}x)")
-    del model, recompute
+    if args.recompute_tokens:
+        recompute = Stream(model, "recompute", S, W)
+        recompute.history = ids[:, :S + W - 1]           # its whole state: the last S+W-1 token ids
+        positions = iter(range(S + W - 1, ids.shape[1]))
+        step = lambda: recompute.feed(ids[:, next(positions)][:, None])
+        n = args.recompute_tokens
+        t_re = report("recompute", [seconds_per_call(step, n, device, warmup=1)], n)
+        with use_sdpa():
+            t_sdpa = report("recompute sdpa", [seconds_per_call(step, n, device, warmup=1)], n)
+        print(f"  speedup of {best[0]} over recompute: {t_re / best[1]:.1f}x (over recompute sdpa: "
+              f"{t_sdpa / best[1]:.1f}x)")
+        del recompute
+    del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return rows
+
+
+def summary(rows: list[dict]) -> None:
+    """The table README quotes: one line per model, dtype and mode."""
+    print(f"\nSummary (ms/token; GB/s = weights + KV read per token / time; flat = last 100 / first 100 steps)")
+    print(f"  {'model':<12} {'dtype':<9} {'mode':<15} {'ms/tok':>7} {'tok/s':>7} {'GB/s':>7} {'% peak':>6} "
+          f"{'% copy':>6} {'flat':>5}")
+    for r in rows:
+        peak = f"{100 * r['frac_peak']:5.1f}%" if r["frac_peak"] else "   n/a"
+        flat = f"{r['last_block_ms'] / r['first_block_ms']:5.2f}" if r["mode"].startswith("sink") else f"{'':>5}"
+        print(f"  {r['model']:<12} {r['dtype']:<9} {r['mode']:<15} {r['ms_per_token']:7.2f} "
+              f"{1e3 / r['ms_per_token']:7.1f} {r['gb_per_s']:7.0f} {peak} {100 * r['frac_copy']:5.1f}% {flat}")
 
 
 def main(argv=None):
@@ -138,35 +273,54 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shape", choices=["full", "small", "tiny"], default=None,
                    help="default: full on a GPU, tiny on a CPU")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on a GPU, fp32 on a CPU")
-    p.add_argument("--tokens", type=int, default=None, help="compiled decode steps timed (default 2000; CPU 32)")
+    p.add_argument("--dtype", default=None, help="comma-separated, from "
+                   f"{', '.join(DTYPES)}; each dtype runs every model before the next dtype "
+                   "(default: bf16,fp16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--tokens", type=int, default=None, help="compiled decode steps timed (default 1000; CPU 32)")
     p.add_argument("--eager-tokens", type=int, default=None, help="eager decode steps timed (default 500; CPU 32)")
-    p.add_argument("--recompute-tokens", type=int, default=None, help="recompute steps timed (default 20; CPU 3)")
+    p.add_argument("--recompute-tokens", type=int, default=None, help="recompute steps timed (default 10; CPU 2)")
+    p.add_argument("--block", type=int, default=None,
+                   help="steps per timed block; flat = last block / first block (default 100; CPU 8)")
+    p.add_argument("--sync-steps", type=int, default=20, help="steps run with CUDA sync detection on, untimed")
     p.add_argument("--sink-size", type=int, default=4)
     p.add_argument("--window-size", type=int, default=2044)
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", default=None, help="also write every row to this file, as JSON")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = args.shape or ("full" if gpu else "tiny")
-    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
-    args.tokens = args.tokens or (2000 if gpu else 32)
+    dtypes = (args.dtype or ("bf16,fp16" if gpu else "fp32")).split(",")
+    if unknown := [d for d in dtypes if d not in DTYPES]:
+        p.error(f"unknown dtype(s) {', '.join(unknown)}; choose from {', '.join(DTYPES)}")
+    args.tokens = args.tokens or (1000 if gpu else 32)
     args.eager_tokens = args.eager_tokens or (500 if gpu else 32)
-    args.recompute_tokens = args.recompute_tokens or (20 if gpu else 2)
+    args.recompute_tokens = args.recompute_tokens if args.recompute_tokens is not None else (10 if gpu else 2)
+    args.block = args.block or (100 if gpu else 8)
+    args.sync_steps = args.sync_steps if gpu else 0
     names = [m for m in args.models.split(",") if m]
     if unknown := [m for m in names if m not in MODELS]:
         p.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
 
     peak = peak_bandwidth(device)
-    print(machine(device) + (f", peak memory bandwidth {peak / 1e12:.2f} TB/s" if peak else
+    copy_bw = copy_bandwidth(device)
+    print(machine(device) + (f", peak memory bandwidth {peak / 1e12:.2f} TB/s (datasheet)" if peak else
                              ", peak memory bandwidth n/a (device not in the table)"))
+    print(f"measured: a {'4 GiB device-to-device' if gpu else '512 MB'} copy moves {copy_bw / 1e12:.2f} TB/s "
+          f"(bytes read + written){f', {100 * copy_bw / peak:.0f}% of peak' if peak else ''}")
     print(f"shape {shape}{' (scaled down; see minisink/bench/models.py)' if shape != 'full' else ''}, "
-          f"{str(dtype).removeprefix('torch.')}, batch 1, cache {args.sink_size}+{args.window_size}, random weights")
-    for name in names:
-        run_model(name, scaled(CONFIGS[name], shape), args, device, dtype, peak)
+          f"batch 1, cache {args.sink_size}+{args.window_size} full, random weights")
+    rows = []
+    for dt in dtypes:
+        for name in names:
+            rows += run_model(name, scaled(CONFIGS[name], shape), args, device, DTYPES[dt], peak, copy_bw)
+            if args.json:   # after every model: a run cut short keeps what it measured
+                Path(args.json).write_text(json.dumps(dict(machine=machine(device), peak=peak, copy=copy_bw,
+                                                           rows=rows), indent=1))
+    summary(rows)
 
 
 if __name__ == "__main__":

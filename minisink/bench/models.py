@@ -15,6 +15,7 @@ from statistics import median
 import torch
 
 from ..load import build_config
+from ..sizing import step_read_bytes
 
 CONFIGS = {
     # EleutherAI/pythia-160m: the model of issue 3's CPU benchmark
@@ -26,6 +27,10 @@ CONFIGS = {
     "llama-134m": dict(model_type="llama", vocab_size=32000, hidden_size=768, intermediate_size=2048,
                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=2048,
                        rms_norm_eps=1e-5),
+    # TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T: a 1B Llama with grouped-query attention
+    "tinyllama-1.1b": dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                           num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                           max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0),
     "pythia-6.9b": dict(model_type="gpt_neox", vocab_size=50432, hidden_size=4096, intermediate_size=16384,
                         num_hidden_layers=32, num_attention_heads=32, rotary_pct=0.25, rotary_emb_base=10000,
                         max_position_embeddings=2048, layer_norm_eps=1e-5, use_parallel_residual=True,
@@ -84,8 +89,9 @@ def random_model(d: dict, device="cpu", dtype=torch.float32, seed: int = 0):
 
 
 def weight_bytes(model) -> int:
-    """Bytes read per token for the weights: every parameter once (a tied one once)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of weights read per token: every parameter once (a tied one once), an untied input
+    embedding one row (minisink.sizing.step_read_bytes). gpt-fast counts the whole embedding."""
+    return step_read_bytes(model)
 
 
 def sync(device) -> None:
