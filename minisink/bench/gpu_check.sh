@@ -4,6 +4,8 @@
 #
 #   bash minisink/bench/gpu_check.sh [OUT_DIR] [SECONDS]    # default: gpu-check, 560 s
 #
+# OUT_DIR gets gpu_check.log (everything printed) and one JSON file of rows per benchmark run.
+#
 # 1. the pythia-6.9b shape in bf16: eager, compiled (CUDA graphs), recompute   (python -m minisink.bench gpu)
 # 2. the CUDA tests: tests/test_cuda.py and the CUDA cases of tests/test_dtypes.py
 # 3. the llama-2-7b, falcon-7b and mpt-7b shapes in bf16
@@ -14,6 +16,7 @@ cd "$(dirname "$0")/../.."
 out=${1:-gpu-check}
 budget=${2:-560}
 mkdir -p "$out"
+exec > >(tee "$out/gpu_check.log") 2>&1   # one log of everything, beside the JSON rows
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 py=${PYTHON:-python3}
 
@@ -24,18 +27,18 @@ left() {  # seconds for the next step: at most $1, and what the budget has left,
 
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
   $py -c "import torch, transformers, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
-'cuda', torch.version.cuda, 'transformers', transformers.__version__)"; } 2>&1 | tee "$out/0-facts.txt"
+'cuda', torch.version.cuda, 'transformers', transformers.__version__)"; }
 
 bench() {  # bench NAME LIMIT ARGS...: one benchmark run, its log and JSON rows under $out
   local name=$1 limit; limit=$(left "$2"); shift 2
-  timeout "$limit" $py -m minisink.bench gpu --json "$out/$name.json" "$@" 2>&1 | tee "$out/$name.txt"
-  echo "[$name: exit ${PIPESTATUS[0]} after $SECONDS s]"
+  timeout "$limit" $py -m minisink.bench gpu --json "$out/$name.json" "$@"
+  echo "[$name: exit $? after $SECONDS s]"
 }
 
 bench 1-pythia-bf16 200 --models pythia-6.9b --dtype bf16
 timeout "$(left 150)" $py -m pytest -q -p no:cacheprovider -rfEs --durations=8 -k cuda \
-  tests/test_cuda.py tests/test_dtypes.py 2>&1 | tee "$out/2-tests.txt"
-echo "[tests: exit ${PIPESTATUS[0]} after $SECONDS s]"
+  tests/test_cuda.py tests/test_dtypes.py
+echo "[tests: exit $? after $SECONDS s]"
 bench 3-bf16 240 --models llama-2-7b,falcon-7b,mpt-7b --dtype bf16
 bench 4-pythia-fp16 100 --models pythia-6.9b --dtype fp16
 bench 5-fp16-eager 100 --models llama-2-7b,falcon-7b,mpt-7b --dtype fp16 --no-compile
