@@ -84,12 +84,12 @@ def test_compiled_step_is_one_cuda_graph_replayed_without_host_syncs(arch):
         feeds.append(lambda s=s, p=positions: s.feed(ids[:, next(p)][:, None]))
     eager_step, compiled_step = feeds
     with GraphCounts() as warm:
-        for _ in range(3):
+        for _ in range(3):      # compiles; runs once outside a graph; records (and replays) the graph
             compiled_step()
     assert warm.compiled == 1 and warm.captures == 1
-    assert host_syncs(eager_step, 20, "cuda") == 0
+    assert host_syncs(eager_step, 20, "cuda") == []
     with GraphCounts() as timed:
-        assert host_syncs(compiled_step, 20, "cuda") == 0
+        assert host_syncs(compiled_step, 20, "cuda") == []
     assert (timed.compiled, timed.captures, timed.replays, warm.skips + timed.skips) == (0, 0, 20, 0)
     for _ in range(3):
         eager_step()

@@ -124,10 +124,10 @@ class GraphCounts:
         return self.counters["inductor"]["cudagraph_skips"] - self._skips0
 
 
-def host_syncs(step, n: int, device) -> int | None:
-    """How many times `n` calls of step() made the host wait for the GPU (torch.cuda's sync debug
-    mode, which warns at every synchronising call: .item(), .tolist(), nonzero, a copy to the host).
-    None off CUDA."""
+def host_syncs(step, n: int, device) -> list[str] | None:
+    """Where `n` calls of step() made the host wait for the GPU: one "file:line" per wait (torch.cuda's
+    sync debug mode warns at every synchronising call: .item(), .tolist(), nonzero, a copy to the
+    host, a cudaMalloc that must first free cached blocks). [] for none; None off CUDA."""
     if torch.device(device).type != "cuda":
         return None
     torch.cuda.synchronize()
@@ -139,7 +139,31 @@ def host_syncs(step, n: int, device) -> int | None:
                 step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
+def profile(step, n: int, top: int = 12) -> None:
+    """Kernel time of n steps by torch.profiler: the GPU's busy time per step next to the wall time,
+    and the kernels that take it. Where a step loses to the memory bound, this says which ones."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    sync("cuda")
+    start = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        sync("cuda")
+    wall = (time.perf_counter() - start) / n
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    busy = sum(e.self_device_time_total for e in events) / 1e6 / n
+    print(f"  profile of {n} compiled steps: GPU busy {busy * 1e3:.2f} ms/step of {wall * 1e3:.2f} ms wall "
+          f"(profiler on); top kernels by time:")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        print(f"    {e.self_device_time_total / 1e3 / n:8.3f} ms/step  {e.count // n:>4}x  {e.key[:110]}")
+
+
+def count(syncs: list | None) -> str:
+    return "n/a" if syncs is None else str(len(syncs))
 
 
 def per_block(step, n: int, device, block: int = 100) -> list[float]:
@@ -199,6 +223,8 @@ def run_model(name, d, args, device, dtype, peak, copy_bw) -> list[dict]:
     syncs = host_syncs(step, args.sync_steps, device)
     blocks = per_block(step, args.eager_tokens, device, args.block)
     t_eager = report("sink eager", blocks, len(blocks) * args.block, kv_bytes(eager), host_syncs=syncs)
+    if syncs:
+        print(f"  eager host syncs at: {', '.join(sorted(set(syncs)))}")
     best = ("sink eager", t_eager)
     if args.compile:
         torch._dynamo.reset()
@@ -213,6 +239,8 @@ def run_model(name, d, args, device, dtype, peak, copy_bw) -> list[dict]:
         with GraphCounts() as timed:
             syncs = host_syncs(step, args.sync_steps, device)
             blocks = per_block(step, args.tokens, device, args.block)
+        if args.profile and device.type == "cuda":
+            profile(step, args.profile)
         steps = args.sync_steps + len(blocks) * args.block
         t_comp = report("sink compiled", blocks, len(blocks) * args.block, kv_bytes(compiled), compile_s=compile_s, host_syncs=syncs,
                         graphs_compiled_warmup=warm.compiled, graph_captures_warmup=warm.captures,
@@ -232,7 +260,7 @@ def run_model(name, d, args, device, dtype, peak, copy_bw) -> list[dict]:
         print(f"  (compile + warm-up {compile_s:.0f} s: dynamo graphs {warm.compiled}, CUDA graph captures "
               f"{warm.captures}; then {steps} steps: {timed.compiled} recompiles, {timed.captures} captures, "
               f"{timed.replays} replays, {warm.skips + timed.skips} cudagraph skips; host syncs in "
-              f"{args.sync_steps} steps: eager {rows[0]['host_syncs']}, compiled {syncs}; "
+              f"{args.sync_steps} steps: eager {count(rows[0]['host_syncs'])}, compiled {count(syncs)}; "
               f"compiled vs eager logits, 8 steps: max |diff| {diff:.1e} of max |logit| {scale:.1f})", flush=True)
         del compiled, check
     del eager
@@ -286,6 +314,7 @@ def main(argv=None):
     p.add_argument("--window-size", type=int, default=2044)
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--profile", type=int, default=0, help="CUDA: profile this many compiled steps, top kernels")
     p.add_argument("--json", default=None, help="also write every row to this file, as JSON")
     args = p.parse_args(argv)
     device = torch.device(args.device)
