@@ -38,6 +38,9 @@ from dataclasses import dataclass
 import torch
 
 
+NO_FLOAT64 = {"mps"}  # devices without float64 arithmetic (not tested here: no Apple GPU on CI)
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """`rope_scaling` of a Llama config.json (or `rope_parameters` in transformers >= 5)."""
@@ -88,6 +91,10 @@ class Rotary:
 
     def tables(self, pos: torch.Tensor, max_pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """pos: (N,) int64 -> cos, sin (N, dim) in `dtype`, exact at any position of an endless stream."""
+        if pos.device.type in NO_FLOAT64:
+            # Apple's GPU (mps) has no float64: the tables are made on the CPU, N x dim values a pass
+            cos, sin = self.tables(pos.cpu(), max_pos.cpu(), dtype)
+            return cos.to(pos.device), sin.to(pos.device)
         inv_freq = self.inv_freq(pos.device, max_pos)                    # (dim/2,) fp32, HF's values
         # compiled: an opaque op, so that the tables stay one small buffer (see `cos_sin`)
         cos, sin = (opaque_cos_sin if torch.compiler.is_compiling() else cos_sin)(pos, inv_freq)
