@@ -33,7 +33,7 @@ import torch
 from minisink import cli
 from minisink.chat import ChatTemplateError, TemplateTurns, encode_rendered, read_chat_template
 from minisink.cli import UserError
-from minisink.generate import POLICIES, Stream, first_token
+from minisink.generate import POLICIES, Stream, end_ids, first_token
 from minisink.hub import model_table, one_line, resolve
 from minisink.load import DTYPES, build_config, load_model, read_config
 from minisink.sizing import CacheSizeError, check_fits, choose_window, step_read_bytes
@@ -359,8 +359,11 @@ def same_terminal(a, b) -> bool:
 class Demo:
     """One model, one tokenizer and one Stream; prints what the model says as it says it."""
 
-    def __init__(self, args, model, tokenizer, stream: Stream, template: Template, out=None, notes=()):
+    def __init__(self, args, model, tokenizer, stream: Stream, template: Template, out=None, notes=(),
+                 stop_ids=()):
         self.args, self.model, self.tok, self.stream, self.template = args, model, tokenizer, stream, template
+        # a reply ends at any of these: the tokenizer's EOS, and the config's (generate.end_ids)
+        self.stop_ids = {i for i in (tokenizer.eos_id, *stop_ids) if i is not None}
         self.notes = list(notes)  # said on stderr just before the first text: a failure stays one line
         self.out = out or sys.stdout
         self.meter = Meter(model, compile=args.compile)
@@ -427,10 +430,10 @@ class Demo:
                     reply = self.reply(ids, stop=lambda: ctrl_c.pressed)
                 if ctrl_c.pressed:
                     self.write(" [reply stopped]")
-            ended = eos is not None and reply[-1:] == [eos]
+            ended = bool(reply) and reply[-1] in self.stop_ids
             # what the chat format puts after the reply and the model has not said: ... reply </s>
-            closing = template.replied(self.tok.decode(reply[:-1] if ended else reply), eos_text if ended else None,
-                                       eos_text)
+            closing = template.replied(self.tok.decode(reply[:-1] if ended else reply),
+                                       self.tok.id_to_piece(reply[-1]) if ended else None, eos_text)
             if closing:
                 self.feed(encode_rendered(self.tok, closing))
             self.write("\n")
@@ -439,17 +442,16 @@ class Demo:
 
     def reply(self, ids: list[int], stop=lambda: False) -> list[int]:
         """Feed one turn, print the model's answer until EOS, a stop string, --max-new-tokens or stop()."""
-        eos = self.tok.eos_id
         self.decoder, stop_text, reply, started = self.tok.stream_decoder(), StopText(self.template.stop), [], False
         self.meter.start()
         self.feed(ids)
         for token in self.stream.generate(max_new_tokens=self.args.max_new_tokens or 256,
-                                          stop_ids={eos} if eos is not None else set(), **self.sample):
+                                          stop_ids=self.stop_ids, **self.sample):
             token = int(token)
             reply.append(token)
             self.meter.tick()
             self.update_status()
-            if token == eos:
+            if token in self.stop_ids:
                 break
             text, stopped = stop_text.push(self.printable(token))
             if not started:  # the reply's own leading space: "ASSISTANT: " has one already
@@ -572,7 +574,8 @@ def make_demo(args, download=None) -> tuple[Demo, list[int], list[int]]:
     else:
         name = args.template if args.template != "auto" else pick_template(args.model or folder.name, config.get("model_type"))
         template = TEMPLATES[name]
-    return Demo(args, model, tokenizer, stream, template, notes=notes), first_ids, prompt_ids
+    demo = Demo(args, model, tokenizer, stream, template, notes=notes, stop_ids=end_ids(tokenizer, config))
+    return demo, first_ids, prompt_ids
 
 
 def run(args, download=None) -> int:

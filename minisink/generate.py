@@ -41,6 +41,16 @@ def first_token(tokenizer, config: dict) -> int | None:
     return first if first is not None and first >= 0 else None
 
 
+def end_ids(tokenizer, config: dict) -> set[int]:
+    """The ids that end a reply: the tokenizer's EOS and every id config.json's `eos_token_id` names
+    (an int or a list). Llama-3-Instruct ends a turn with <|eot_id|>, which its config names next to
+    the tokenizer's <|end_of_text|>; a chat that stopped only at the latter would talk past the turn."""
+    named = config.get("eos_token_id")
+    named = named if isinstance(named, list) else [named]
+    ids = {getattr(tokenizer, "eos_id", None), *named}
+    return {i for i in ids if isinstance(i, int) and 0 <= i < tokenizer.vocab_size}
+
+
 def make_cache(policy: str, sink_size: int, window_size: int, device, dtype) -> SinkCache:
     """The cache a policy streams through. For `window` the S+W slots all become window."""
     if policy == "sink":

@@ -23,7 +23,7 @@ from conftest import ASSETS, REPO, STORIES, need_assets
 
 sys.path.insert(0, str(REPO))
 import run  # noqa: E402  (the script, imported as a module)
-from minisink.generate import Stream  # noqa: E402
+from minisink.generate import Stream, end_ids  # noqa: E402
 from minisink.load import build_config, load_model  # noqa: E402
 from minisink.tokenizer import load_tokenizer  # noqa: E402
 
@@ -594,3 +594,37 @@ def test_default_window_is_said_and_capped(tmp_path):
     assert code == 0
     assert "run.py: cache: 4 sinks + a window of 4092 = the trained context 8192, capped at 4096 slots; " \
            "--window-size W to change" in err.splitlines()[0]
+
+
+def test_a_reply_ends_at_any_eos_id_the_config_names(tmp_path):
+    """config.json's eos_token_id may name ids besides the tokenizer's EOS (Llama-3-Instruct: <|eot_id|>):
+    a chat reply ends at the first of them the model says."""
+    folder, tokenizer = tiny_folder("gpt_neox", tmp_path / "chat")
+    zephyr = json.loads((REPO / "tests" / "data" / "chat_templates.json").read_text())["templates"]
+    template = next(t["template"] for t in zephyr if t["name"] == "tinyllama-chat")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": template}))
+    argv = ["--model", str(folder), "--max-new-tokens", "6", "--temperature", "0", "--no-status"]
+
+    def reply_to_hi():
+        demo, first, _ = run.make_demo(run.parse_args(argv))
+        demo.out = io.StringIO()
+        return demo, demo.chat(first, ["Hi"])[0]["reply_ids"]
+
+    demo, free = reply_to_hi()
+    assert demo.stop_ids == {tokenizer.eos_id} and tokenizer.eos_id not in free
+    end = next(i for i, t in enumerate(free) if t not in free[:i] and i > 0)   # a token said once, not first
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, eos_token_id=[tokenizer.eos_id, free[end]])))
+    demo, stopped = reply_to_hi()
+    assert demo.stop_ids == {tokenizer.eos_id, free[end]}
+    assert stopped == free[:end + 1]
+
+
+def test_end_ids_reads_an_int_a_list_or_nothing():
+    class Tok:
+        eos_id, vocab_size = 2, 100
+    assert end_ids(Tok, {}) == {2}
+    assert end_ids(Tok, {"eos_token_id": 7}) == {2, 7}
+    assert end_ids(Tok, {"eos_token_id": [2, 9, 128009, None]}) == {2, 9}   # ids past the vocabulary: none
+    Tok.eos_id = None
+    assert end_ids(Tok, {"eos_token_id": None}) == set()
