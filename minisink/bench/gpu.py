@@ -340,7 +340,8 @@ def main(argv=None):
     copy_bw = copy_bandwidth(device)
     print(machine(device) + (f", peak memory bandwidth {peak / 1e12:.2f} TB/s (datasheet)" if peak else
                              ", peak memory bandwidth n/a (device not in the table)"))
-    print(f"measured: a {'4 GiB device-to-device' if gpu else '512 MB'} copy moves {copy_bw / 1e12:.2f} TB/s "
+    rate = f"{copy_bw / 1e12:.2f} TB/s" if copy_bw >= 1e12 else f"{copy_bw / 1e9:.1f} GB/s"
+    print(f"measured: a {'4 GiB device-to-device' if gpu else '512 MB'} copy moves {rate} "
           f"(bytes read + written){f', {100 * copy_bw / peak:.0f}% of peak' if peak else ''}")
     print(f"shape {shape}{' (scaled down; see minisink/bench/models.py)' if shape != 'full' else ''}, "
           f"batch 1, cache {args.sink_size}+{args.window_size} full, random weights")
