@@ -19,6 +19,7 @@ Nothing half-written is ever left in OUT_DIR: the folder is built in a temporary
 renamed into place at the end, which is atomic on one file system.
 """
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -345,6 +347,7 @@ def convert(gguf_path, out_dir, dtype: str = "fp32") -> Path:
 
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(out_dir)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     except OSError as e:
         raise GGUFError(f"cannot write {out_dir}: {out_dir.parent} is not writable ({e.strerror or e})") from None
@@ -366,6 +369,20 @@ def convert(gguf_path, out_dir, dtype: str = "fp32") -> Path:
             raise GGUFError(f"cannot write {out_dir}: {e.strerror or e}") from None
         raise
     return out_dir
+
+
+STALE_PARTIAL_S = 3600   # a conversion takes seconds to minutes; a .partial folder this old was orphaned
+
+
+def remove_stale_partials(out_dir: Path) -> None:
+    """Delete the temporary folders of conversions into out_dir that were killed (SIGKILL, power loss:
+    nothing ran to clean up) over an hour ago. Younger ones may belong to a conversion still running."""
+    for old in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.partial"):
+        try:
+            if time.time() - old.stat().st_mtime > STALE_PARTIAL_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # gone already: another process cleaned it
+            pass
 
 
 def cache_root(cache_dir=None) -> Path:

@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -344,3 +345,18 @@ def test_llama2_vocabulary_round_trips_through_gguf(tmp_path):
     text = (ASSETS / "text" / "moby_dick.txt").read_text(encoding="utf-8")[:300_000]
     original = sentencepiece.SentencePieceProcessor(model_file=str(llama2))
     assert load_tokenizer(folder).encode(text) == original.encode(text)
+
+
+def test_a_killed_conversions_leftovers_are_removed_once_stale(tmp_path):
+    """A conversion killed outright leaves its hidden temporary folder; the next conversion into the
+    same place removes it once it is an hour old, and leaves a younger one (maybe still being written)."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    stale, fresh = tmp_path / ".out.killed.partial", tmp_path / ".out.running.partial"
+    for leftover in (stale, fresh):
+        leftover.mkdir()
+        (leftover / "model.safetensors").write_bytes(b"half a file")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    convert(path, tmp_path / "out")
+    assert not stale.exists() and fresh.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.running.partial", "out", "tiny.gguf"]
