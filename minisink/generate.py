@@ -122,10 +122,13 @@ class Stream:
             # CUDA graphs on a GPU; inductor's default mode (C++/OpenMP kernels) on a CPU, where
             # reduce-overhead has no graphs to replay
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            compiled = torch.compile(decode_one_token, mode=mode, fullgraph=True)
-            # a CUDA graph's output lives in the graph's own memory and its next replay overwrites
-            # it: hand out a copy (one row of logits), so that logits kept by a caller stay valid
-            self.step = lambda model, cache, token: compiled(model, cache, token).clone()
+            self.step = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+            if mode == "reduce-overhead":
+                # a CUDA graph's output lives in the graph's own memory and its next replay overwrites
+                # it: hand out a copy (one row of logits), so that logits kept by a caller stay valid.
+                # Inductor's CPU kernels return fresh tensors: no copy needed there.
+                graphed = self.step
+                self.step = lambda model, cache, token: graphed(model, cache, token).clone()
         self.logits = None   # (B, vocab) prediction for the next token
         self.pending = None  # (B,) last generated token, not fed yet: it goes in with the next feed
 
