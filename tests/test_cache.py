@@ -58,7 +58,7 @@ TINY = {
 
 
 def tiny_model(arch: str, seed: int = 0):
-    from minisink.load import build_config
+    from minisink.weights.load import build_config
     try:
         cls, config = build_config(TINY[arch])
     except ModuleNotFoundError:

@@ -1,4 +1,4 @@
-"""minisink.chat against transformers' apply_chat_template, on real chat templates (tests/data/chat_templates.json
+"""minisink.text.chat against transformers' apply_chat_template, on real chat templates (tests/data/chat_templates.json
 says where each comes from), and the per-turn feeding of a whole-conversation template."""
 import json
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ASSETS, need_assets
-from minisink.chat import ChatTemplate, ChatTemplateError, TemplateTurns, encode_rendered, read_chat_template
+from minisink.text.chat import ChatTemplate, ChatTemplateError, TemplateTurns, encode_rendered, read_chat_template
 
 CASES = json.loads((Path(__file__).parent / "data" / "chat_templates.json").read_text(encoding="utf-8"))["templates"]
 NAMES = [c["name"] for c in CASES]
@@ -137,6 +137,6 @@ def test_llama2_turns_and_a_reply_cut_short():
 
 
 def test_encode_rendered_makes_bos_and_eos_tokens():
-    tok = pytest.importorskip("minisink.tokenizer").load_tokenizer(need_assets(ASSETS / "tokenizers" / "llama2"))
+    tok = pytest.importorskip("minisink.text.tokenizer").load_tokenizer(need_assets(ASSETS / "tokenizers" / "llama2"))
     assert encode_rendered(tok, "<s>[INST] Hi [/INST] Yo</s>") == [1, *tok.encode("[INST] Hi [/INST] Yo"), 2]
     assert tok.encode("<s>") != [1]  # typed by a user it stays text

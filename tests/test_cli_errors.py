@@ -1,8 +1,8 @@
 """Every bad input, through the real command lines (issue 17): one clear line, nothing written.
 
-Each case runs `python run.py ...`, `python -m minisink.eval ...`, `python -m minisink.golden ...` or
-`python -m minisink.train ...` as a subprocess, from the repository root as a user would, and checks
-the contract of minisink/cli.py:
+Each case runs `python run.py ...`, `python -m minisink eval ...`, `python -m minisink golden ...` or
+`python -m minisink train ...` as a subprocess, from the repository root as a user would, and checks
+the contract of minisink/tools/cli.py:
 
     the exit code (1: a file, a model, the input; 2: the command line; 130: Ctrl-C)
     exactly one line on stderr, no traceback, and the bad value named in it
@@ -29,10 +29,10 @@ from conftest import REPO
 
 DEFAULT_MODEL = REPO / "minisink" / "checkpoints" / "tinystories-1m"
 TINY_CASE = REPO / "tests" / "golden" / "llama-gqa-s4-w12"
-PROGRAMS = {"run": [str(REPO / "run.py")], "eval": ["-m", "minisink.eval"], "golden": ["-m", "minisink.golden"],
-            "train": ["-m", "minisink.train"]}
-PROG = {"run": "run.py", "eval": "python -m minisink.eval", "golden": "python -m minisink.golden",
-        "train": "python -m minisink.train"}
+PROGRAMS = {"run": [str(REPO / "run.py")], "eval": ["-m", "minisink", "eval"], "golden": ["-m", "minisink", "golden"],
+            "train": ["-m", "minisink", "train"]}
+PROG = {"run": "run.py", "eval": "python -m minisink eval", "golden": "python -m minisink golden",
+        "train": "python -m minisink train"}
 
 
 @pytest.fixture(scope="module")
@@ -271,8 +271,8 @@ def test_the_default_model_starts_without_torch_compile_and_without_warnings():
 @pytest.mark.parametrize("cmd", [
     ["run.py", "--list-models"],
     ["run.py", "--stream", "--max-new-tokens", "5", "--seed", "0"],
-    ["-m", "minisink.golden", "check", "tests/golden"],
-    ["-m", "minisink.golden", "regenerate"],           # a report: writes only with --write
+    ["-m", "minisink", "golden", "check", "tests/golden"],
+    ["-m", "minisink", "golden", "regenerate"],           # a report: writes only with --write
     ["tests/golden/make_fixtures.py"],                 # makes in a temporary folder, compares
 ])
 def test_documented_commands_that_do_not_write_leave_the_checkout_as_it_was(cmd):

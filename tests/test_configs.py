@@ -12,8 +12,8 @@ import torch
 import transformers
 
 from conftest import ASSETS
-from minisink.hub import MODELS
-from minisink.load import build_config, checkpoint_names
+from minisink.weights.hub import MODELS
+from minisink.weights.load import build_config, checkpoint_names
 
 CONFIGS = ASSETS / "configs"
 FOLDERS = sorted(p.name for p in CONFIGS.iterdir()) if CONFIGS.is_dir() else []

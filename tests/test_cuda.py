@@ -1,6 +1,6 @@
 """On a CUDA GPU: low precision at a real depth, the fused attention kernel, and the compiled step
 as one CUDA graph recorded once and replayed. Every test here skips without a GPU (CI has none);
-`bash minisink/bench/gpu_check.sh` runs them on one, with `python -m minisink.bench gpu`.
+`bash minisink/tools/bench/gpu_check.sh` runs them on one, with `python -m minisink bench gpu`.
 
 Tolerances are those of tests/test_dtypes.py: LOGIT_TOL roundoffs u of the dtype times the largest
 fp32 logit, for logits; an NLL is a log-softmax of the logits, which moves by at most twice the
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from minisink.attention import use_sdpa
-from minisink.bench.gpu import GraphCounts, host_syncs
-from minisink.bench.models import CONFIGS, random_model
+from minisink.tools.bench.gpu import GraphCounts, host_syncs
+from minisink.tools.bench.models import CONFIGS, random_model
 from minisink.cache import SinkCache
-from minisink.eval import token_nll
+from minisink.tools.eval import token_nll
 from minisink.generate import Stream
 from test_cache import ARCHS, VOCAB, tiny_model
 from test_dtypes import LOGIT_TOL, roundoff

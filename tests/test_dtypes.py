@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from minisink.cache import Layout, SinkCache
 from minisink.generate import Stream, decode_one_token, prefill
-from minisink.load import load_model
+from minisink.weights.load import load_model
 from minisink.rope import Rotary
 from test_cache import NaiveCache, tiny_model
 

@@ -1,4 +1,4 @@
-"""Streaming perplexity (minisink/eval.py): chunked == token-by-token, the policies, the CLI.
+"""Streaming perplexity (minisink/tools/eval.py): chunked == token-by-token, the policies, the CLI.
 
 The definition of streaming NLL is written out here as a plain loop, one token per forward pass,
 and every chunked evaluation is compared with it, for every architecture and for cache shapes
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import ASSETS, REPO, STORIES, need_assets
-from minisink import eval as ev
+from minisink.tools import eval as ev
 from minisink.cache import DenseCache, SinkCache
 
 VOCAB = 97
@@ -51,7 +51,7 @@ def one_thread():
 
 
 def tiny_model(arch: str, seed: int = 0):
-    from minisink.load import build_config
+    from minisink.weights.load import build_config
     cls, config = build_config(TINY[arch])
     torch.manual_seed(seed)
     model = cls(config).eval().requires_grad_(False)
@@ -74,7 +74,7 @@ def story_ids(n: int) -> torch.Tensor:
 def model_and_ids(request):
     if request.param == "stories260K":
         need_assets(STORIES)
-        from minisink.load import load_model
+        from minisink.weights.load import load_model
         return load_model(STORIES), story_ids(N)
     return tiny_model(request.param), torch.randint(0, VOCAB, (N,), generator=torch.Generator().manual_seed(1))
 
@@ -151,7 +151,7 @@ def test_recompute_is_a_fresh_forward_on_each_window(model_and_ids):
 def test_stories260k_dense_degrades_past_its_context_and_sink_does_not():
     """The real model: dense past its 512-token context gets worse; a 4+124 sink cache stays put."""
     need_assets(STORIES)
-    from minisink.load import load_model
+    from minisink.weights.load import load_model
     model, ids = load_model(STORIES), story_ids(1200)
     dense = ev.policy_nll(model, ids, "dense", 4, 124)
     sink = ev.policy_nll(model, ids, "sink", 4, 124)
@@ -166,7 +166,7 @@ def test_stories260k_dense_degrades_past_its_context_and_sink_does_not():
 def cli(*args):
     # one thread: on a busy 2-core machine, two threads waiting on each other cost 5x here
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "minisink.eval", *map(str, args)], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "minisink", "eval", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -194,7 +194,7 @@ def test_cli_writes_csv_png_and_tables(tmp_path):
 def test_cli_missing_file_is_one_line_and_exit_1(tmp_path):
     r = cli("--model", STORIES, "--text", "no/such/file.txt", "--out", tmp_path)
     assert r.returncode == 1
-    assert r.stderr == "python -m minisink.eval: error: no/such/file.txt: no such file\n"
+    assert r.stderr == "python -m minisink eval: error: no/such/file.txt: no such file\n"
 
 
 @pytest.mark.parametrize("args, message, code", [
@@ -238,5 +238,5 @@ def test_window_defaults_to_the_models_context_like_run_py(tmp_path, capsys):
                     "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 0
-    assert "minisink.eval: cache:" not in err
+    assert "minisink.tools.eval: cache:" not in err
     assert "cache 4+508" in err

@@ -11,7 +11,7 @@ import torch
 
 from minisink.cache import DenseCache, SinkCache
 from minisink.config import ConfigError
-from minisink.load import LoadError, load_model
+from minisink.weights.load import LoadError, load_model
 from minisink.models.falcon import FalconConfig
 
 transformers = pytest.importorskip("transformers")

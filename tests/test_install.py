@@ -26,8 +26,8 @@ def test_pip_install_editable_then_import_from_another_folder(tmp_path):
     assert install.returncode == 0, install.stdout + install.stderr
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    probe = ("import minisink, minisink.cli, minisink.load; print(minisink.__file__); "
-             "print((minisink.cli.__file__))")
+    probe = ("import minisink, minisink.tools.cli, minisink.weights.load; print(minisink.__file__); "
+             "print((minisink.tools.cli.__file__))")
     result = subprocess.run([python, "-c", probe], cwd=elsewhere, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == str(src / "minisink" / "__init__.py")

@@ -11,8 +11,8 @@ import shlex
 import pytest
 import torch
 
-from minisink import train, viz
-from minisink.load import load_model
+from minisink.tools import train, viz
+from minisink.weights.load import load_model
 
 from conftest import REPO, need_assets
 
@@ -26,7 +26,7 @@ _spec.loader.exec_module(experiment)
 def test_bos_model_is_the_default_models_recipe(monkeypatch):
     """The command in the default model's README, parsed by train.py itself, gives MODELS["BOS"]."""
     readme = (experiment.DEFAULT_MODEL / "README.md").read_text()
-    command = re.search(r"^python -m minisink\.train (.*)$", readme, re.M).group(1)
+    command = re.search(r"^python -m minisink train (.*)$", readme, re.M).group(1)
     need_assets(REPO / shlex.split(command)[shlex.split(command).index("--text") + 1])
     monkeypatch.chdir(REPO)                                   # the command's paths are relative to the root
     recipe, _ = train.parse_args(shlex.split(command))

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import STORIES, need_assets
 from minisink.cache import DenseCache, SinkCache
-from minisink.load import LoadError, load_model
+from minisink.weights.load import LoadError, load_model
 
 BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5)

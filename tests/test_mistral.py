@@ -5,7 +5,7 @@ import torch
 import transformers
 
 from minisink.cache import DenseCache, SinkCache
-from minisink.load import LoadError, build_config, load_model
+from minisink.weights.load import LoadError, build_config, load_model
 
 BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)

@@ -19,7 +19,7 @@ from transformers import MptForCausalLM as HFMptForCausalLM
 from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
 from minisink.cache import DenseCache, SinkCache
-from minisink.load import LoadError, load_model
+from minisink.weights.load import LoadError, load_model
 
 T, VOCAB = 64, 96
 TINY = dict(n_layers=2, vocab_size=VOCAB, max_seq_len=128)  # HF's ALiBi table must cover T

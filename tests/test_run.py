@@ -24,8 +24,8 @@ from conftest import ASSETS, REPO, STORIES, need_assets
 sys.path.insert(0, str(REPO))
 import run  # noqa: E402  (the script, imported as a module)
 from minisink.generate import Stream, end_ids  # noqa: E402
-from minisink.load import build_config, load_model  # noqa: E402
-from minisink.tokenizer import load_tokenizer  # noqa: E402
+from minisink.weights.load import build_config, load_model  # noqa: E402
+from minisink.text.tokenizer import load_tokenizer  # noqa: E402
 
 TOKENIZERS = ASSETS / "tokenizers"
 

@@ -1,12 +1,12 @@
-"""The default cache (minisink/sizing.py), shared by run.py and minisink.eval, on real config.json files."""
+"""The default cache (minisink/tools/sizing.py), shared by run.py and minisink.tools.eval, on real config.json files."""
 import json
 
 import pytest
 import torch
 
 from conftest import ASSETS, need_assets
-from minisink.load import build_config
-from minisink.sizing import CacheSizeError, cache_bytes, check_fits, choose_window, trained_context
+from minisink.weights.load import build_config
+from minisink.tools.sizing import CacheSizeError, cache_bytes, check_fits, choose_window, trained_context
 
 CONFIGS = ASSETS / "configs"
 
@@ -69,7 +69,7 @@ def test_falcon_40b_cache_counts_its_grouped_kv_heads():
 
 
 def test_check_fits_refuses_with_the_sizes(monkeypatch):
-    import minisink.sizing as sizing
+    import minisink.tools.sizing as sizing
     monkeypatch.setattr(sizing, "free_memory", lambda device: 16 * 10**9)
     cls, config = build_config(real("llama-2-7b-hf"))
     check_fits(cls, config, 4096, torch.bfloat16, torch.device("cpu"))  # 13.48 + 2.15 GB: fits in 16

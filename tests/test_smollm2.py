@@ -12,10 +12,10 @@ import torch
 from conftest import ASSETS, need_assets
 from minisink.attention import attention_probs
 from minisink.cache import DenseCache, SinkCache
-from minisink.eval import perplexity, recompute_nll, streaming_nll, token_nll
-from minisink.load import load_model
-from minisink.smollm2 import smollm2_gguf
-from minisink.tokenizer import load_tokenizer
+from minisink.tools.eval import perplexity, recompute_nll, streaming_nll, token_nll
+from minisink.weights.load import load_model
+from minisink.weights.smollm2 import smollm2_gguf
+from minisink.text.tokenizer import load_tokenizer
 
 S, W = 4, 124  # the paper's 4 sinks; a cache of 128
 C = S + W
@@ -176,7 +176,7 @@ def test_run_py_chats_three_turns_in_chatml(smollm2, tmp_path):
 
 def test_short_names_and_the_chat_template():
     import run  # the script: pytest.ini puts the repository root on the path
-    from minisink.hub import MODELS
+    from minisink.weights.hub import MODELS
     assert MODELS["smollm2-135m"].repo_id == "HuggingFaceTB/SmolLM2-135M"
     assert MODELS["smollm2-1.7b-instruct"].repo_id == "HuggingFaceTB/SmolLM2-1.7B-Instruct"
     assert {n for n in MODELS if n.startswith("smollm2")} == {

@@ -1,4 +1,4 @@
-"""minisink.tokenizer against its oracles: `tokenizers` (for tokenizer.json), `sentencepiece`
+"""minisink.text.tokenizer against its oracles: `tokenizers` (for tokenizer.json), `sentencepiece`
 (for tokenizer.model) and llama.cpp's reference cases. The oracles are test-only imports.
 
 The real tokenizers and texts come from ../shared/assets (see its README); tests that need them
@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minisink.generate import first_token
-from minisink.tokenizer import (
+from minisink.text.tokenizer import (
     BPETokenizer,
     SentencePieceTokenizer,
     UnsupportedTokenizerError,

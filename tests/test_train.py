@@ -1,4 +1,4 @@
-"""minisink/train.py: training reduces the loss, is reproducible, writes checkpoints that load, and the
+"""minisink/tools/train.py: training reduces the loss, is reproducible, writes checkpoints that load, and the
 sink-token option really puts <sink> at position 0. The committed default model matches transformers."""
 import json
 from pathlib import Path
@@ -7,8 +7,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from minisink import train
-from minisink.load import load_model
+from minisink.tools import train
+from minisink.weights.load import load_model
 
 from conftest import ASSETS, REPO, need_assets
 

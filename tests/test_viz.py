@@ -1,12 +1,12 @@
-"""minisink/viz.py, what the tutorials share: each helper against an independent answer."""
+"""minisink/tools/viz.py, what the tutorials share: each helper against an independent answer."""
 import pytest
 import torch
 import transformers
 
-from minisink import eval as ev
-from minisink import viz
+from minisink.tools import eval as ev
+from minisink.tools import viz
 from minisink.cache import DenseCache, SinkCache
-from minisink.load import load_model
+from minisink.weights.load import load_model
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)

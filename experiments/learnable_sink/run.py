@@ -6,7 +6,7 @@
 On 2 quiet CPU cores the vanilla and sink-token models trained in 2.8 and 2.2 minutes; the BOS model
 trains on one thread (6.1 CPU-minutes, its README.md). On a busy machine all of it takes far longer.
 
-Trains three models with the recipe of minisink/train.py on the same text, then measures them on
+Trains three models with the recipe of minisink/tools/train.py on the same text, then measures them on
 held-out text many times longer than the training context:
 
 - vanilla: samples are crops of the token stream that start anywhere, as in the paper's pre-training
@@ -24,8 +24,8 @@ Measured:
    with (<sink>, BOS, or for the vanilla model the text itself), so that is the first kept token.
 2. the attention probability each layer gives to the first token of a training-length sample,
    averaged over the queries in the second half of the sample: the mean over heads and the largest
-   head. minisink.viz.attention_maps gives the probabilities (the tutorials' function, tested
-   against transformers' attention weights), minisink.viz.mass_on_first the average.
+   head. minisink.tools.viz.attention_maps gives the probabilities (the tutorials' function, tested
+   against transformers' attention weights), minisink.tools.viz.mass_on_first the average.
 
 Writes results.md (the tables between the markers; the text around them is kept) and figure.png
 beside this file (with --smoke: into --work, so the committed results stay as they are). The models
@@ -46,10 +46,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
-from minisink import eval as ev  # noqa: E402
-from minisink import train, viz  # noqa: E402
+from minisink.tools import eval as ev  # noqa: E402
+from minisink.tools import train, viz  # noqa: E402
 from minisink.cache import SinkCache  # noqa: E402
-from minisink.load import load_model, read_config  # noqa: E402
+from minisink.weights.load import load_model, read_config  # noqa: E402
 
 TEXT = REPO.parent / "shared" / "assets" / "text" / "tinystories_val_sample.txt"
 RECIPE = train.Recipe()     # train.py's defaults
@@ -170,7 +170,7 @@ def write_results(results: dict, logs: dict, r: train.Recipe, command: str, out:
     T = r.context
     block = f"""{BEGIN}
 Command: `{command}` (torch {torch.__version__}, seed {r.seed}). All three models use the recipe of
-minisink/train.py (dim {r.dim}, {r.n_layers} layers, context {T}, {r.steps} steps of {r.batch_size} samples):
+minisink/tools/train.py (dim {r.dim}, {r.n_layers} layers, context {T}, {r.steps} steps of {r.batch_size} samples):
 vanilla and sink token with its default {r.threads} threads, the sink model adding `--sink-token`; BOS with
 `--bos --threads 1`, the command of the committed default model `minisink/checkpoints/tinystories-1m`.
 {checked}

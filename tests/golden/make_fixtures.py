@@ -12,7 +12,7 @@ stories260K (a real trained Llama) lives in ../shared/assets, not in the reposit
 the sha256 of its files and is made only when the assets are there.
 
 To re-record the outputs of existing cases after a deliberate change to minisink's numerics, without
-touching weights or inputs: `python -m minisink.golden regenerate --write`.
+touching weights or inputs: `python -m minisink golden regenerate --write`.
 """
 import argparse
 import json
@@ -28,8 +28,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
-from minisink import golden  # noqa: E402
-from minisink.load import build_config  # noqa: E402
+from minisink.tools import golden  # noqa: E402
+from minisink.weights.load import build_config  # noqa: E402
 
 VOCAB = 64  # small enough that golden.safetensors keeps whole rows of logits
 
@@ -119,7 +119,7 @@ def make_all(dest: Path) -> list[str]:
     if not STORIES.exists():
         print(f"SKIP stories260K-s4-w20: {STORIES} not found")
         return made
-    from minisink.tokenizer import load_tokenizer
+    from minisink.text.tokenizer import load_tokenizer
     tok = load_tokenizer(STORIES)
     ids = tok.encode(STORIES_TEXT.read_text(encoding="utf-8")[:4000], bos=True)
     P, C = 56, 56

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import ConfigError
+from ..config import ConfigError
 
 # model_type in config.json -> (module, model class, config class)
 ARCHITECTURES = {

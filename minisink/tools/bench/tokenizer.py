@@ -1,6 +1,6 @@
 """Benchmark: encode speed of minisink's hand-written byte-level BPE next to HF `tokenizers`.
 
-    python -m minisink.bench.tokenizer [--text ../shared/assets/text/moby_dick.txt] [--repeat 3]
+    python -m minisink bench tokenizer [--text ../shared/assets/text/moby_dick.txt] [--repeat 3]
 
 Both encode the same book as one string, in the same run, and must give the same ids. minisink is
 timed twice: "cold" starts from an empty memo, so it pays for BPE on every distinct word once;
@@ -14,9 +14,9 @@ import argparse
 import time
 from pathlib import Path
 
-from ..tokenizer import BPETokenizer
+from ...text.tokenizer import BPETokenizer
 
-ASSETS = Path(__file__).resolve().parents[2].parent / "shared" / "assets"
+ASSETS = Path(__file__).resolve().parents[3].parent / "shared" / "assets"
 
 
 def timed(fn):
@@ -26,7 +26,7 @@ def timed(fn):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minisink.bench.tokenizer",
+    p = argparse.ArgumentParser(prog="python -m minisink bench tokenizer",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--text", type=Path, default=ASSETS / "text" / "moby_dick.txt")
     p.add_argument("--repeat", type=int, default=3, help="runs of `tokenizers`; the best counts")
@@ -60,6 +60,3 @@ def main(argv=None):
               f"{n / lib_s:>10,.0f} t/s{lib_s / cold_s:>9.2f}x{lib_s / warm_s:>9.2f}x")
     print("cold/tok, warm/tok: minisink's speed over tokenizers' (above 1: minisink is faster)")
 
-
-if __name__ == "__main__":
-    main()

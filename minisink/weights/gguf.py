@@ -1,6 +1,6 @@
 """Convert a llama.cpp GGUF file into a Hugging Face model folder that minisink loads.
 
-    python -m minisink.gguf SmolLM2-135M-Instruct.Q4_1.gguf smollm2/ [--dtype fp32|bf16]
+    python -m minisink gguf SmolLM2-135M-Instruct.Q4_1.gguf smollm2/ [--dtype fp32|bf16]
 
 A GGUF is one file that holds everything llama.cpp needs: metadata (the architecture's sizes, the
 tokenizer's vocabulary and merges) and the tensors, usually quantized. We write what minisink reads:
@@ -422,7 +422,7 @@ def write_json(path: Path, value) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minisink.gguf", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m minisink gguf", description=__doc__.split("\n")[0])
     parser.add_argument("gguf", help="the .gguf file")
     parser.add_argument("out_dir", help="the model folder to create (must not exist, or be empty)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the weights written")
@@ -430,12 +430,9 @@ def main(argv=None) -> int:
     try:
         folder = convert(args.gguf, args.out_dir, args.dtype)
     except GGUFError as e:
-        print(f"minisink.gguf: error: {e}", file=sys.stderr)
+        print(f"minisink.weights.gguf: error: {e}", file=sys.stderr)
         return 1
     tokenizer = "tokenizer.model" if (folder / "tokenizer.model").is_file() else "tokenizer.json"
     print(f"wrote {folder}: config.json, model.safetensors ({args.dtype}), {tokenizer}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

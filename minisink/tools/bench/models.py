@@ -14,7 +14,7 @@ from statistics import median
 
 import torch
 
-from ..load import build_config
+from ...weights.load import build_config
 from ..sizing import step_read_bytes
 
 CONFIGS = {
@@ -23,7 +23,7 @@ CONFIGS = {
                         num_hidden_layers=12, num_attention_heads=12, rotary_pct=0.25, rotary_emb_base=10000,
                         max_position_embeddings=2048, layer_norm_eps=1e-5, use_parallel_residual=True,
                         hidden_act="gelu", tie_word_embeddings=False),
-    # the random-weight Llama of minisink/bench/eval.py and issue 18: 134M parameters
+    # the random-weight Llama of minisink/tools/bench/eval.py and issue 18: 134M parameters
     "llama-134m": dict(model_type="llama", vocab_size=32000, hidden_size=768, intermediate_size=2048,
                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=2048,
                        rms_norm_eps=1e-5),
@@ -90,7 +90,7 @@ def random_model(d: dict, device="cpu", dtype=torch.float32, seed: int = 0):
 
 def weight_bytes(model) -> int:
     """Bytes of weights read per token: every parameter once (a tied one once), an untied input
-    embedding one row (minisink.sizing.step_read_bytes). gpt-fast counts the whole embedding."""
+    embedding one row (minisink.tools.sizing.step_read_bytes). gpt-fast counts the whole embedding."""
     return step_read_bytes(model)
 
 

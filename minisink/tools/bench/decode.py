@@ -1,6 +1,6 @@
 """Benchmark (issues 3 and 18): what a streaming decode step costs, next to what it cannot beat.
 
-    python -m minisink.bench decode [--models llama-134m,pythia-160m] [--caches 256,1024,2048]
+    python -m minisink bench decode [--models llama-134m,pythia-160m] [--caches 256,1024,2048]
                                     [--threads 1,2] [--rounds 4] [--steps 6] [--no-compile]
                                     [--recompute-steps 1] [--busy] [--positions 2048,100000]
 
@@ -45,8 +45,8 @@ from statistics import median
 
 import torch
 
-from ..cache import Layout
-from ..generate import Stream, decode_one_token
+from ...cache import Layout
+from ...generate import Stream, decode_one_token
 from .gpu import kv_bytes
 from .models import CONFIGS, machine, random_model, scaled, weight_bytes
 
@@ -263,7 +263,7 @@ def positions(model, ids_for, args) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minisink.bench decode", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m minisink bench decode", description=__doc__.split("\n")[0])
     p.add_argument("--models", default="llama-134m,pythia-160m", help=f"shapes from {', '.join(CONFIGS)}")
     p.add_argument("--caches", default="256,1024,2048", help="cache sizes C = S+W, S=4")
     p.add_argument("--threads", default="1,2", help="torch CPU thread counts")
@@ -304,6 +304,3 @@ def main(argv=None):
             positions(small, lambda a, b: torch.randint(0, small.config.vocab_size, (1, b - a), generator=g), args)
     print(f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,11 +1,11 @@
 """Benchmark: chunked streaming evaluation vs token-by-token, same cache, same numbers.
 
-    python -m minisink.bench.eval [--tokens 20000] [--prefix 256] [--sink-size 4 --window-size 508]
+    python -m minisink bench eval [--tokens 20000] [--prefix 256] [--sink-size 4 --window-size 508]
 
 A random-weight Llama of realistic shape (Pythia-160M-like: dim 768, 12 layers, 12 heads, SwiGLU
 2048, vocab 32000; 110M parameters) reads a stream of random tokens through SinkCache(4, 508).
 
-- chunked: `minisink.eval.streaming_nll` with chunks of 256, timed on the whole stream. A chunk of T
+- chunked: `minisink.tools.eval.streaming_nll` with chunks of 256, timed on the whole stream. A chunk of T
   attends to S+W+T keys, so shorter chunks mean shorter attention rows; on a CPU 256 beat 512 by
   ~20% here (matrix multiplies are already efficient at 256 rows).
 - token-by-token: the same function with chunk_size=1 (the definition). On a CPU this takes tens
@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from ..cache import SinkCache
+from ...cache import SinkCache
 from ..eval import streaming_nll
-from ..load import DTYPES
-from ..models.llama import LlamaConfig, LlamaForCausalLM
+from ...weights.load import DTYPES
+from ...models.llama import LlamaConfig, LlamaForCausalLM
 from ..sizing import step_read_bytes
 
 SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
@@ -38,7 +38,7 @@ def sync(device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minisink.bench.eval", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m minisink bench eval", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=20000)
     p.add_argument("--prefix", type=int, default=256, help="token-by-token tokens timed after the cache fills; 0: all")
     p.add_argument("--sink-size", type=int, default=4)
@@ -95,6 +95,3 @@ def main(argv=None):
     print(f"token-by-token on the whole stream: {estimate:.0f} s ({how})")
     print(f"speedup of chunked evaluation: {estimate / t_chunked:.1f}x")
 
-
-if __name__ == "__main__":
-    main()

@@ -2,11 +2,11 @@
 # Every GPU check in one run, most important first, each step given at most what is left of a time
 # budget, so that a run cut short still reports what it measured (JSON rows are written per model).
 #
-#   bash minisink/bench/gpu_check.sh [OUT_DIR] [SECONDS]    # default: gpu-check, 560 s
+#   bash minisink/tools/bench/gpu_check.sh [OUT_DIR] [SECONDS]    # default: gpu-check, 560 s
 #
 # OUT_DIR gets gpu_check.log (everything printed) and one JSON file of rows per benchmark run.
 #
-# 1. the pythia-6.9b shape in bf16: eager, compiled (CUDA graphs), recompute   (python -m minisink.bench gpu)
+# 1. the pythia-6.9b shape in bf16: eager, compiled (CUDA graphs), recompute   (python -m minisink bench gpu)
 # 2. the CUDA tests: tests/test_cuda.py and the CUDA cases of tests/test_dtypes.py
 # 3. the llama-2-7b, falcon-7b and mpt-7b shapes in bf16
 # 4. pythia-6.9b in fp16, then the other three in fp16, eager and recompute only (no compile)
@@ -31,7 +31,7 @@ left() {  # seconds for the next step: at most $1, and what the budget has left,
 
 bench() {  # bench NAME LIMIT ARGS...: one benchmark run, its log and JSON rows under $out
   local name=$1 limit; limit=$(left "$2"); shift 2
-  timeout "$limit" $py -m minisink.bench gpu --json "$out/$name.json" "$@"
+  timeout "$limit" $py -m minisink bench gpu --json "$out/$name.json" "$@"
   echo "[$name: exit $? after $SECONDS s]"
 }
 
@@ -46,7 +46,7 @@ bench 5-fp16-eager 100 --models llama-2-7b,falcon-7b,mpt-7b --dtype fp16 --no-co
 $py - "$out" <<'PY'
 import json, sys
 from pathlib import Path
-from minisink.bench.gpu import summary
+from minisink.tools.bench.gpu import summary
 rows = [r for f in sorted(Path(sys.argv[1]).glob("*.json")) for r in json.loads(f.read_text())["rows"]]
 summary(rows)
 PY

@@ -1,6 +1,6 @@
 """Streaming perplexity on long text: the NLL of every token under each cache policy.
 
-    python -m minisink.eval --model FOLDER|NAME --text FILE|- --tokens 8000 \\
+    python -m minisink eval --model FOLDER|NAME --text FILE|- --tokens 8000 \\
         --policy dense,window,sink,recompute --sink-size 4 --window-size 1020 --out DIR
 
 The definition is token-by-token streaming: feed the stream one token at a time through a cache,
@@ -51,17 +51,13 @@ import math
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # before torch: Ctrl-C while it imports exits 130 without a traceback
-    from minisink.cli import exit_on_interrupt
-    exit_on_interrupt("python -m minisink.eval")
-
 import torch
 import torch.nn.functional as F
 
 from . import cli
-from .cache import SinkCache
+from ..cache import SinkCache
 from .cli import UserError
-from .generate import POLICIES, make_cache
+from ..generate import POLICIES, make_cache
 
 RECOMPUTE_BUDGET = 2 ** 26  # elements of the largest tensor (logits or scores) in one recompute batch
 
@@ -193,7 +189,7 @@ def int_list(text: str) -> list[int]:
 
 
 def parse_args(argv):
-    p = cli.Parser(prog="python -m minisink.eval", description=__doc__.split("\n")[0])
+    p = cli.Parser(prog="python -m minisink eval", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True,
                    help="model folder (config.json, model.safetensors, tokenizer), short name, hub repo id or .gguf file, as run.py takes")
     p.add_argument("--text", required=True, type=lambda t: t if t == "-" else cli.readable_file(t),
@@ -225,7 +221,7 @@ def parse_args(argv):
             p.error(f"--sweep-sinks: {s} sinks leave no window in a cache of {args.sink_size + args.window_size}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    from .load import DTYPES
+    from ..weights.load import DTYPES
     if args.dtype not in DTYPES:
         p.error(f"--dtype {args.dtype!r}: choose one of {', '.join(DTYPES)}")
     if DTYPES[args.dtype] == torch.float16 and torch.device(args.device).type == "cpu":
@@ -234,8 +230,8 @@ def parse_args(argv):
 
 
 def choose_cache(args, device) -> tuple[int, list[str]]:
-    """(W, notes to print): --window-size, or the same default as run.py's (minisink/sizing.py)."""
-    from .load import DTYPES, build_config, read_config
+    """(W, notes to print): --window-size, or the same default as run.py's (minisink/tools/sizing.py)."""
+    from ..weights.load import DTYPES, build_config, read_config
     from .sizing import CacheSizeError, check_fits, choose_window
     config = read_config(args.model)
     cls, parsed = build_config(config)
@@ -253,18 +249,18 @@ def choose_cache(args, device) -> tuple[int, list[str]]:
 
 def read_stream(args) -> list[int]:
     """The stream's first token (BOS, as run.py starts a stream) + the text's tokens, at most args.tokens in all."""
-    from .load import read_config
+    from ..weights.load import read_config
     try:
-        from .tokenizer import load_tokenizer
+        from ..text.tokenizer import load_tokenizer
     except ImportError as e:
-        raise UserError(f"minisink.tokenizer is not available ({e})") from None
+        raise UserError(f"minisink.text.tokenizer is not available ({e})") from None
     text = cli.decode_utf8(sys.stdin.buffer.read(), "stdin") if args.text == "-" else cli.read_text(args.text)
     config = read_config(args.model)  # a wrong folder is best reported as such, before its tokenizer
     try:
         tokenizer = load_tokenizer(args.model)
     except ValueError as e:  # a tokenizer file that minisink cannot read (UnsupportedTokenizerError, ...)
         raise UserError(str(e)) from None
-    from .generate import first_token
+    from ..generate import first_token
     first = first_token(tokenizer, config)
     ids = ([first] if first is not None else []) + tokenizer.encode(text, bos=False)
     if len(ids) < 2:
@@ -356,14 +352,14 @@ def print_sweep(rows: list[dict]):
 
 
 def run(args) -> int:
-    from .hub import resolve
-    from .load import DTYPES, load_model
+    from ..weights.hub import resolve
+    from ..weights.load import DTYPES, load_model
     args.model = resolve(args.model)  # a folder, a .gguf file, or a short name / repo id downloaded as run.py does
     S, (W, notes) = args.sink_size, choose_cache(args, args.device)
     C = S + W
     ids_list = read_stream(args)
     for note in notes:  # after the input is known to be readable: an error stays one line
-        print(f"minisink.eval: {note}", file=sys.stderr)
+        print(f"minisink.tools.eval: {note}", file=sys.stderr)
     model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     ids = torch.tensor(ids_list, dtype=torch.long, device=args.device)
     N = ids.shape[0]
@@ -412,8 +408,5 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    return cli.main("python -m minisink.eval", lambda argv: run(parse_args(argv)), argv)
+    return cli.main("python -m minisink eval", lambda argv: run(parse_args(argv)), argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """What minisink's command lines share: arguments checked before any work, and one line per error.
 
-    python run.py, python -m minisink.eval, python -m minisink.golden, python -m minisink.train
+    python run.py, python -m minisink eval, python -m minisink golden, python -m minisink train
 
 Every one of them follows the same contract:
 
@@ -86,8 +86,8 @@ def main(prog: str, run, argv=None, errors: tuple = (), error_code: int = 1) -> 
     `errors`: the caller's own exception classes that are the user's to fix (exit 1), beside the
     library's. OSError and UnicodeError are files the user named: unreadable, unwritable, not text.
     `error_code`: 1, or 2 where exit 1 already means something else (a failed golden check)."""
-    from .hub import HubError, one_line
-    from .load import LoadError
+    from ..weights.hub import HubError, one_line
+    from ..weights.load import LoadError
     raise_on_interrupt()  # imports are done: from here on, Ctrl-C unwinds and files are closed
     try:
         return run(argv)

@@ -1,6 +1,6 @@
-"""python -m minisink.bench [decode|gpu|tokenizer|eval|startup|all] [options of that benchmark]
+"""python -m minisink bench [decode|gpu|tokenizer|eval|startup|all] [options of that benchmark]
 
-Each benchmark is a module of this package with a `main(argv)`; `python -m minisink.bench NAME -h`
+Each benchmark is a module of this package with a `main(argv)`; `python -m minisink bench NAME -h`
 lists its options. `all` runs every benchmark with its defaults, one after another. Modules are
 imported only when their benchmark runs, so one that is missing (or needs a missing package) is
 reported and does not stop the others.
@@ -26,10 +26,10 @@ def usage() -> str:
 
 def run(name: str, argv: list[str]) -> int:
     try:
-        module = importlib.import_module(f"minisink.bench.{name}")
+        module = importlib.import_module(f"minisink.tools.bench.{name}")
     except ModuleNotFoundError as e:
         missing = e.name or str(e)
-        where = f"minisink/bench/{name}.py" if missing == f"minisink.bench.{name}" else f"module {missing!r}"
+        where = f"minisink/tools/bench/{name}.py" if missing == f"minisink.tools.bench.{name}" else f"module {missing!r}"
         print(f"benchmark {name!r} cannot run: {where} is missing", file=sys.stderr)
         return 1
     module.main(argv)
@@ -56,6 +56,3 @@ def main(argv=None) -> int:
         return 2
     return run(name, rest)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,10 +1,10 @@
 """Golden cases: what a streaming model produced, recorded so that any implementation can test itself.
 
-    python -m minisink.golden make --model FOLDER --out CASE --sink-size 4 --window-size 12
-    python -m minisink.golden check CASE [CASE ...]                     # minisink against the cases
-    python -m minisink.golden check CASE --logits THEIRS.safetensors    # another implementation
-    python -m minisink.golden regenerate [--write]                      # re-record tests/golden/*
-    python -m minisink.golden streams CASE                              # the ids to feed, as JSON
+    python -m minisink golden make --model FOLDER --out CASE --sink-size 4 --window-size 12
+    python -m minisink golden check CASE [CASE ...]                     # minisink against the cases
+    python -m minisink golden check CASE --logits THEIRS.safetensors    # another implementation
+    python -m minisink golden regenerate [--write]                      # re-record tests/golden/*
+    python -m minisink golden streams CASE                              # the ids to feed, as JSON
 
 A case is a folder (docs/golden.md has the full reference and a worked example):
 
@@ -50,20 +50,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __name__ == "__main__":  # before torch: Ctrl-C while it imports exits 130 without a traceback
-    from minisink.cli import exit_on_interrupt
-    exit_on_interrupt("python -m minisink.golden")
-
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__, cli
-from .generate import POLICIES, decode_one_token, make_cache
-from .load import DTYPES, load_model, read_config
+from .. import __version__
+from . import cli
+from ..generate import POLICIES, decode_one_token, make_cache
+from ..weights.load import DTYPES, load_model, read_config
 
 FORMAT = "minisink-golden-1"
-DEFAULT_DIR = Path(__file__).resolve().parents[1] / "tests" / "golden"
+DEFAULT_DIR = Path(__file__).resolve().parents[2] / "tests" / "golden"
 FULL_VOCAB_MAX = 1024   # "auto" stores whole rows up to this vocabulary size, top-k beyond
 DEFAULT_ATOL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -209,7 +206,7 @@ def minisink_stream(model, policy: str, sink_size: int, window_size: int, prefil
     """
     weight = next(model.parameters())
     if policy == "recompute":
-        from .generate import Stream
+        from ..generate import Stream
         stream = Stream(model, "recompute", sink_size, window_size)
         return lambda ids: torch.cat([stream.feed(ids[None, t:t + 1]) for t in range(len(ids))]).float()
     cache = make_cache(policy, sink_size, window_size, weight.device, weight.dtype)
@@ -556,7 +553,7 @@ def _ids_from(args, config) -> tuple[list[int], list[int]]:
     """Prompt and continuation: consecutive tokens of a text, or seeded random ids."""
     need = args.prompt_len + args.continuation_len
     if args.text:
-        from .tokenizer import load_tokenizer
+        from ..text.tokenizer import load_tokenizer
         tok = load_tokenizer(args.model)
         ids = tok.encode(cli.read_text(args.text)[: 20 * need], bos=tok.bos_id is not None)
         if len(ids) < need:
@@ -573,8 +570,8 @@ THREADS_HELP = "CPU threads (default 1: the same bits on every rerun)"
 
 
 def parse_args(argv=None):
-    """Every flag checked as it is read (minisink/cli.py): a bad one exits 2 before any model loads."""
-    parser = cli.Parser(prog="python -m minisink.golden", description=__doc__.split("\n\n")[0])
+    """Every flag checked as it is read (minisink/tools/cli.py): a bad one exits 2 before any model loads."""
+    parser = cli.Parser(prog="python -m minisink golden", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     at_least_0, at_least_1, at_least_2 = cli.int_at_least(0), cli.int_at_least(1), cli.int_at_least(2)
     m = sub.add_parser("make", help="run minisink on a model and write a case folder")
@@ -671,8 +668,5 @@ def run(argv=None) -> int:
 
 def main(argv=None) -> int:
     """Exit 0 pass, 1 a check failed, 2 unusable input (one line on stderr; docs/golden.md)."""
-    return cli.main("python -m minisink.golden", run, argv, errors=(GoldenError,), error_code=2)
+    return cli.main("python -m minisink golden", run, argv, errors=(GoldenError,), error_code=2)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

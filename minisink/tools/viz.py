@@ -2,12 +2,12 @@
 
 Tutorials import this module instead of copying code between them. Nothing here changes how a model
 runs: attention maps come from `minisink.attention.attention_probs`, the first half of `attend`,
-called with the very arguments the model passed; perplexities come from `minisink.eval`.
+called with the very arguments the model passed; perplexities come from `minisink.tools.eval`.
 
 - `attention_maps(model, ids)`: (layers, B, heads, T, T) probabilities of a causal forward.
 - `mass_on_first(P, k, skip)` and `uniform_mass(T, k, skip)`: how much attention late queries put on
   the first k tokens, and what spreading it evenly would give (k / (t + 1) for the query at t).
-- `policy_nll(...)`: `minisink.eval.policy_nll`, remembered for the process, so that tutorials run one
+- `policy_nll(...)`: `minisink.tools.eval.policy_nll`, remembered for the process, so that tutorials run one
   after another (tutorials/run.py, tests/test_tutorials.py) share one computation instead of
   repeating it; `recompute_nll_at` scores only chosen tokens, with only the last position's logits.
 - `reference_curves()`: per-token NLL of five 7B models (dense, window, sinks) measured on a GPU by the
@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from . import eval as ev
-from .attention import attention_probs, rope_new_keys
-from .cache import DenseCache, SinkCache
+from ..attention import attention_probs, rope_new_keys
+from ..cache import DenseCache, SinkCache
 
 # the offline assets beside the checkout (../shared/assets), as the tests and tutorials find them
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "assets" / "reference" / "attention_sinks"
+REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "assets" / "reference" / "attention_sinks"
 REFERENCE_MODELS = {"llama_2_7b": "Llama-2-7B", "mpt_7b": "MPT-7B", "falcon_7b": "Falcon-7B",
                     "pythia_6.9b": "Pythia-6.9B", "mistral_7b": "Mistral-7B"}
 REFERENCE_FILES = {"dense": "transformers.csv", "window": "windowed.csv", "sink": "attention_sinks.csv"}
@@ -84,7 +84,7 @@ def _key(model, ids: torch.Tensor, *rest) -> tuple:
 
 
 def policy_nll(model, ids: torch.Tensor, policy: str, sink_size: int, window_size: int) -> torch.Tensor:
-    """`minisink.eval.policy_nll` (N,), remembered: the same call again returns the same tensor."""
+    """`minisink.tools.eval.policy_nll` (N,), remembered: the same call again returns the same tensor."""
     key = _key(model, ids, policy, sink_size, window_size)
     if key not in _memo:
         _memo[key] = ev.policy_nll(model, ids, policy, sink_size, window_size)
@@ -96,7 +96,7 @@ def recompute_nll_at(model, ids: torch.Tensor, cache_size: int, targets: torch.T
                      batch_size: int = 8) -> torch.Tensor:
     """NLL (len(targets),) of ids[t] for each t in targets, predicted the paper's "sliding window with
     re-computation" way: a fresh forward over the C tokens before it, ids[t-C .. t-1], at positions
-    0 .. C-1 (the last logit of `minisink.eval.recompute_nll`'s window). Needs t >= C.
+    0 .. C-1 (the last logit of `minisink.tools.eval.recompute_nll`'s window). Needs t >= C.
 
     Recompute costs C token-forwards per scored token, so a tutorial scores a sample of the tokens.
     Only the last position's logits are needed: a pre-hook on lm_head hands it the last position only.
@@ -122,9 +122,9 @@ def recompute_nll_at(model, ids: torch.Tensor, cache_size: int, targets: torch.T
 def load_smollm2():
     """(model, tokenizer) of SmolLM2-135M-Instruct, fp32 on the CPU, loaded once per process."""
     if "smollm2" not in _memo:
-        from .load import load_model
-        from .smollm2 import smollm2_folder
-        from .tokenizer import load_tokenizer
+        from ..weights.load import load_model
+        from ..weights.smollm2 import smollm2_folder
+        from ..text.tokenizer import load_tokenizer
         folder = smollm2_folder()
         _memo["smollm2"] = load_model(folder), load_tokenizer(folder)
     return _memo["smollm2"]

@@ -1,6 +1,6 @@
 """The first README command, timed as a newcomer meets it: `python run.py --stream` in a fresh clone.
 
-    python -m minisink.bench startup [--runs 5] [--tokens 200]
+    python -m minisink bench startup [--runs 5] [--tokens 200]
 
 Each run copies run.py and minisink/ into a new temporary folder (a clone without ../shared beside
 it), starts `python run.py --stream --max-new-tokens N --seed I` there with the environment as it is
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def fresh_clone(dest: Path) -> Path:
@@ -54,7 +54,7 @@ def one_run(folder: Path, tokens: int, seed: int) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minisink.bench startup", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m minisink bench startup", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--tokens", type=int, default=200, help="tokens per run (default 200)")
     args = p.parse_args(argv)

@@ -1,6 +1,6 @@
 """How large a cache to build for a model: the default window, and whether it fits in memory.
 
-run.py and `python -m minisink.eval` both ask here, so one model gets the same cache from both.
+run.py and `python -m minisink eval` both ask here, so one model gets the same cache from both.
 
     window, notes = choose_window(config_dict, sink_size=4, window_size=None)   # W, lines to print
     check_fits(model_cls, config, sink_size + window, dtype, device)            # before loading weights
@@ -11,7 +11,7 @@ a word, and StreamingLLM's point is that a few thousand slots stream as well as 
 """
 import torch
 
-from .cache import SinkCache
+from ..cache import SinkCache
 
 CONTEXT_KEYS = ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length", "max_sequence_length")
 DEFAULT_CONTEXT = 2048    # when config.json names no context length (Falcon's configs do not)
@@ -72,7 +72,7 @@ def cache_bytes(model_cls, config, capacity: int, dtype: torch.dtype, batch_size
 
     Measured, not computed per architecture: one token goes through the model on the meta device
     (shapes only, no memory, no arithmetic), and the cache allocates its buffers there."""
-    from .load import on_meta  # late: load imports this module's neighbours
+    from ..weights.load import on_meta  # late: load imports this module's neighbours
     model = on_meta(model_cls, config).to(dtype)
     cache = SinkCache(0, capacity, device="meta", dtype=dtype)
     with torch.no_grad():
@@ -97,7 +97,7 @@ def check_fits(model_cls, config, capacity: int, dtype: torch.dtype, device: tor
     free = free_memory(torch.device(device))
     if free is None:
         return
-    from .load import on_meta
+    from ..weights.load import on_meta
     model = on_meta(model_cls, config)
     weights = sum(p.numel() for p in model.parameters()) * dtype.itemsize
     # Each slot holds a key and a value per layer, neither wider than the model (GQA and MQA are
