@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import REPO, STORIES, smollm2_or_skip
-from minisink import golden
+from minisink.tools import golden
 
 transformers = pytest.importorskip("transformers")
 DynamicCache = transformers.DynamicCache
@@ -185,7 +185,10 @@ def test_regenerate_skips_a_case_without_its_model_and_touches_nothing_if_one_fa
     (tmp_path / "stories260K-s4-w20" / "case.json").write_text(json.dumps(case))
     assert golden.main(["regenerate", "--write", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert f"{LLAMA}: unchanged" in out and "SKIP stories260K-s4-w20: its model is not at" in out
+    # bit for bit on the machine that recorded the case; another CPU's kernels round differently
+    # (seen: 1e-5 on an Intel Xeon against cases recorded on an AMD EPYC), but never the tokens
+    assert (f"{LLAMA}: unchanged, bit for bit" in out or f"{LLAMA}: rewritten; tokens unchanged" in out), out
+    assert "SKIP stories260K-s4-w20: its model is not at" in out
     (tmp_path / LLAMA / "model" / "config.json").write_text('{"model_type": "llama"}')  # cannot be rebuilt
     neox = tmp_path / "gpt_neox-s1-w7"   # sorted before llama: rebuilt first, and it would change
     shutil.copytree(GOLDEN / neox.name, neox)
