@@ -102,6 +102,7 @@ class Rotary:
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: (B, nh, N, hd) rotated by tables (N, dim) of `tables`; same shape and dtype."""
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)   # no-ops when the tables are in x's dtype already
         x_rot, x_pass = x[..., : self.dim], x[..., self.dim :]
         x1, x2 = x_rot.chunk(2, dim=-1)
         rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin

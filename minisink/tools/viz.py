@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import eval as ev
-from ..attention import attention_probs, rope_new_keys
+from ..attention import attention_probs
 from ..cache import DenseCache, SinkCache
 
 # the offline assets beside the checkout (../shared/assets), as the tests and tutorials find them
@@ -39,10 +39,10 @@ def attention_maps(model, ids: torch.Tensor) -> torch.Tensor:
 
     For Llama-architecture models (model.model.layers[i].self_attn with q_proj, k_proj, rotary). A
     forward pre-hook records what each attention module is called with (the normalised hidden states,
-    the cache and its Layout); the module's own projections and `attention_probs` then give the
-    probabilities, rotated and masked exactly as in the forward pass.
+    the cache and its Plan); the module's own query projection, the keys the cache stored and
+    `attention_probs` then give the probabilities, rotated and masked exactly as in the forward pass.
     """
-    seen = {}   # layer index -> (x, cache, layout)
+    seen = {}   # layer index -> (x, cache, plan)
     record = lambda module, args: seen.__setitem__(module.layer_idx, args)
     hooks = [layer.self_attn.register_forward_pre_hook(record) for layer in model.model.layers]
     try:
@@ -53,12 +53,11 @@ def attention_maps(model, ids: torch.Tensor) -> torch.Tensor:
     maps = []
     for layer in model.model.layers:
         attn = layer.self_attn
-        x, cache, layout = seen[attn.layer_idx]
+        x, cache, plan = seen[attn.layer_idx]
         B, T, _ = x.shape
         q = attn.q_proj(x).view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)      # (B, nh, T, hd)
-        k = attn.k_proj(x).view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)   # (B, nkv, T, hd)
-        k = rope_new_keys(k, layout, attn.rotary)  # as the cache stores them (rotated once)
-        maps.append(attention_probs(q, k, layout, attn.head_dim ** -0.5, attn.rotary))
+        k = cache.k[attn.layer_idx][:, :, :T]      # (B, nkv, T, hd) as the cache stored them: rotated
+        maps.append(attention_probs(q, k, plan, attn.head_dim ** -0.5))
         seen.pop(attn.layer_idx)                    # free each layer's activations once used
     return torch.stack(maps)
 
@@ -179,9 +178,9 @@ def cache_rows(cache: SinkCache, T: int) -> torch.Tensor:
     """(T, T) bool: row t holds the tokens token t attends to when streamed one at a time."""
     rows = torch.zeros(T, T, dtype=torch.bool)
     for t in range(T):
-        layout = cache.begin(1)
-        in_use = cache.slot_token[:layout.mask.shape[1]]  # a filling cache plans only the slots in use
-        keys = in_use[layout.mask[0]]                   # the tokens in the slots the query may see
+        plan = cache.begin(1)
+        in_use = cache.slot_token[:plan.k_pos.shape[0]]  # a filling cache plans only the slots in use
+        keys = in_use if plan.mask is None else in_use[plan.mask[0]]   # the tokens the query may see
         rows[t, keys] = True
     return rows
 
