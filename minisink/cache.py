@@ -18,7 +18,7 @@ the last, C-1. Only differences of positions reach the scores (minisink/rope.py)
 j may as well sit at j and the query at t: their distance t - j is the paper's. A sink s sits at
 cache position s, C-1 - s before the query; in the query's frame that is s + d_t, where
 
-    d_t = max(0, t - (C-1))      how far the window has slid (6 - 1 = 5 above: t0 at 5+... = 6, 7)
+    d_t = max(0, t - (C-1))      how far the window has slid (12 - 6 = 6 above: the sinks at 6, 7)
 
 So **the sinks follow the window**: at every step the S sink keys are re-rotated by d_t into the sink
 slots, from a copy kept rotated by their own position s (never cumulatively, so no error builds

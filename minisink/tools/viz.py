@@ -90,31 +90,14 @@ def policy_nll(model, ids: torch.Tensor, policy: str, sink_size: int, window_siz
     return _memo[key]
 
 
-@torch.inference_mode()
 def recompute_nll_at(model, ids: torch.Tensor, cache_size: int, targets: torch.Tensor,
                      batch_size: int = 8) -> torch.Tensor:
-    """NLL (len(targets),) of ids[t] for each t in targets, predicted the paper's "sliding window with
-    re-computation" way: a fresh forward over the C tokens before it, ids[t-C .. t-1], at positions
-    0 .. C-1 (the last logit of `minisink.tools.eval.recompute_nll`'s window). Needs t >= C.
-
-    Recompute costs C token-forwards per scored token, so a tutorial scores a sample of the tokens.
-    Only the last position's logits are needed: a pre-hook on lm_head hands it the last position only.
-    """
+    """`minisink.tools.eval.window_nll` (len(targets),), remembered: NLL of ids[t] for each t in
+    targets from a fresh forward over the C tokens before it. Needs t >= C. Recompute costs C
+    token-forwards per scored token, so a tutorial scores a sample of the tokens."""
     key = _key(model, ids, "recompute_at", cache_size, tuple(targets.tolist()))
-    if key in _memo:
-        return _memo[key]
-    C = cache_size
-    assert int(targets.min()) >= C, "recompute_nll_at scores tokens whose window is full (t >= C)"
-    last_only = model.lm_head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:],))
-    try:
-        nll = []
-        for part in targets.split(batch_size):
-            windows = torch.stack([ids[t - C:t] for t in part.tolist()])         # (b, C)
-            logits = model(windows)[:, -1]                                        # (b, vocab)
-            nll.append(ev.token_nll(logits, ids[part]))
-    finally:
-        last_only.remove()
-    _memo[key] = torch.cat(nll)
+    if key not in _memo:
+        _memo[key] = ev.window_nll(model, ids, cache_size, targets, batch_size)
     return _memo[key]
 
 
