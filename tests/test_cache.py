@@ -93,8 +93,10 @@ def stream_oracle(model, ids, S, W):
 def stream_minisink(model, ids, S, W, prompt_len, chunk, cache=None):
     """Prefill `prompt_len` tokens in chunks of `chunk`, then decode the rest one token at a time."""
     cache = cache or SinkCache(S, W)
+    out = []
     with torch.no_grad():
-        out = [model(ids[:, s:min(s + chunk, prompt_len)], cache) for s in range(0, prompt_len, chunk)]
+        if prompt_len:
+            prefill(model, cache, ids[:, :prompt_len], chunk, each=lambda start, logits: out.append(logits))
         out += [decode_one_token(model, cache, ids[:, t])[:, None] for t in range(prompt_len, ids.shape[1])]
     return torch.cat(out, 1)
 

@@ -13,7 +13,7 @@ from minisink.tools.bench.gpu import GraphCounts, host_syncs
 from minisink.tools.bench.models import CONFIGS, random_model
 from minisink.cache import SinkCache
 from minisink.tools.eval import token_nll
-from minisink.generate import Stream
+from minisink.generate import Stream, prefill
 from test_cache import ARCHS, VOCAB, tiny_model
 from test_dtypes import LOGIT_TOL, roundoff
 
@@ -23,9 +23,10 @@ HALF = [torch.bfloat16, torch.float16]
 
 def streaming_logits(model, ids, S, W, chunk):
     """Logits (T, V) fp32 of ids (1, T) streamed through a sink cache in chunks of `chunk`."""
-    cache = SinkCache(S, W, ids.device, next(model.parameters()).dtype)
+    cache, rows = SinkCache(S, W, ids.device, next(model.parameters()).dtype), []
     with torch.inference_mode():
-        return torch.cat([model(ids[:, s:s + chunk], cache)[0].float() for s in range(0, ids.shape[1], chunk)])
+        prefill(model, cache, ids, chunk, each=lambda start, logits: rows.append(logits[0].float()))
+    return torch.cat(rows)
 
 
 @pytest.fixture(scope="module")

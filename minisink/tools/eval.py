@@ -248,8 +248,7 @@ def parse_args(argv):
     from ..weights.load import DTYPES
     if args.dtype not in DTYPES:
         p.error(f"--dtype {args.dtype!r}: choose one of {', '.join(DTYPES)}")
-    if DTYPES[args.dtype] == torch.float16 and torch.device(args.device).type == "cpu":
-        raise UserError("--dtype fp16 is refused on CPU (most CPUs emulate fp16, slowly): use fp32, or bf16 to halve memory")
+    cli.refuse_fp16_on_cpu(DTYPES[args.dtype], args.device)
     return args
 
 

@@ -37,7 +37,6 @@ Random weights, fp32, batch 1: a step costs what it costs with trained weights.
 """
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ from statistics import median
 import torch
 
 from ...cache import Plan
+from ..cli import resident_bytes
 from ...generate import Stream, decode_one_token
 from .models import CONFIGS, bandwidth, kv_bytes, machine, random_model, scaled, weight_bytes
 
@@ -228,12 +228,8 @@ def busy(model, C, ids, args) -> None:
 
 
 def rss_mb() -> float:
-    """Resident memory now (not the peak), from /proc; the peak where there is no /proc."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Resident memory now (not the peak) in MiB; the peak where there is no /proc."""
+    return resident_bytes()[0] / 2**20
 
 
 def positions(model, ids_for, args) -> None:
