@@ -46,8 +46,10 @@ No torch.cat to evict, no reallocation and no host synchronisation in the decode
 position `n` lives on the device. The host also counts the tokens (`seen`), so that an eager step
 over a filling cache attends to the slots in use only, and a chunk asks the device once, to choose
 which of its tokens survive. A compiled step cannot count on the host: it spans all S+W slots
-(static shapes), masks the unused ones until the cache is full, and leaves `seen` unknown (None)
-until the next chunk reads it back.
+(static shapes) and masks the unused ones until it is told the cache is full (`full`, which an
+eager pass or the feeder, `Stream`, sets once: a compiled stream has one graph while the cache
+fills and one without a mask after), and it leaves `seen` unknown (None) until the next chunk
+reads it back.
 """
 from dataclasses import dataclass
 
@@ -97,6 +99,7 @@ class SinkCache(nn.Module):
         self.register_buffer("slot_token", torch.full((self.capacity,), -1, dtype=torch.long, device=device))
         self.register_buffer("n", torch.zeros((), dtype=torch.long, device=device))  # tokens seen
         self.seen: int | None = 0  # n as the host counts it; None after a compiled step
+        self.full = False  # the host knows every slot holds a token: a compiled step needs no mask
 
     @property
     def length(self) -> int:
@@ -130,7 +133,7 @@ class SinkCache(nn.Module):
             if T > 1:
                 mask = (key_tok >= 0) & (key_tok[None, :] <= tok[:, None])  # causal: the chunk fits
             else:  # one token sees every key in use: a mask only for the unused slots of a compiled step
-                mask = None if n is not None else (key_tok >= 0)[None, :]
+                mask = None if n is not None or self.full else (key_tok >= 0)[None, :]
             q_pos_sink = None
         else:
             # Only the sinks and the last W tokens of the chunk survive it; writing only those keeps
@@ -145,6 +148,8 @@ class SinkCache(nn.Module):
             mask = (j >= 0) & (j <= t) & ((j < S) | (j > t - W))      # the sinks, and t's own window
             q_pos_sink = torch.clamp(tok, max=C - 1) if S else None
         self.seen = None if n is None else n + T
+        if n is not None and n + T >= C:
+            self.full = True
         self.n += T
         key_slots = torch.where(slots < S, slots, S + slots)
         # d_t moves once t >= C; while the cache fills only a new sink moves them (a compiled step: always)
@@ -188,7 +193,7 @@ class SinkCache(nn.Module):
         """Forget the stream but keep the buffers (a new stream of the same shape)."""
         self.slot_token.fill_(-1)
         self.n.zero_()
-        self.seen = 0
+        self.seen, self.full = 0, False
 
 
 class DenseCache(SinkCache):

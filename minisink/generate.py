@@ -126,12 +126,13 @@ class Stream:
         self.step = decode_one_token
         if compile:
             self.step = compiled_step(self.cache, self.device)
+        self.fed = 0         # tokens fed, counted on the host
         self.logits = None   # (B, vocab) prediction for the next token
         self.pending = None  # (B,) last generated token, not fed yet: it goes in with the next feed
 
     @property
     def tokens_seen(self) -> int:
-        return self.history.shape[1] if self.policy == "recompute" else self.cache.length
+        return self.history.shape[1] if self.policy == "recompute" else self.fed
 
     @property
     def slots_used(self) -> int:
@@ -158,6 +159,9 @@ class Stream:
             self.logits = self.step(self.model, self.cache, ids[:, 0])
         else:  # a prompt: chunks of varying length, eager, never graphed
             self.logits = prefill(self.model, self.cache, ids, self.prefill_chunk)
+        self.fed += ids.shape[1]
+        if self.policy in ("sink", "window") and self.fed >= self.capacity:
+            self.cache.full = True  # what a compiled step cannot count itself: no mask from now on
         return self.logits
 
     def _recompute(self, token: torch.Tensor) -> torch.Tensor:

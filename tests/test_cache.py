@@ -316,14 +316,16 @@ def test_turns_share_one_stream():
 
 
 def test_compiled_stream_compiles_once_and_agrees_with_eager():
-    """The first token (it allocates the buffers) and prompts stay eager; every later step is one graph."""
+    """Every token goes through the compiled step, the first too (Stream allocated the buffers);
+    prompts stay eager."""
     from torch._dynamo.utils import counters
     model = tiny_model("llama")
     torch._dynamo.reset()
     counters.clear()
     prompt = torch.tensor([[1]])  # BOS alone: the case that used to compile twice
     compiled = [int(t) for t in Stream(model, "sink", 2, 6, compile=True).generate(prompt, max_new_tokens=15)]
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
-    assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] == 1  # inductor, once
+    # two graphs: while the cache fills (its unused slots masked), and once it is full (no mask)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+    assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] == 2
     eager = [int(t) for t in Stream(model, "sink", 2, 6).generate(prompt, max_new_tokens=15)]
     assert compiled == eager
