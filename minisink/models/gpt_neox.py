@@ -127,7 +127,7 @@ class GPTNeoXModel(nn.Module):
 class GPTNeoXForCausalLM(nn.Module):
     # Checkpoints saved by older transformers (Pythia's on the hub) also hold buffers: the causal mask
     # `attention.bias`, its fill value `attention.masked_bias` and the RoPE table
-    # `attention.rotary_emb.inv_freq`. The cache's Layout and minisink/rope.py compute those instead.
+    # `attention.rotary_emb.inv_freq`. The cache's Plan and minisink/rope.py compute those instead.
     ignore_in_checkpoint = [r"\.attention\.(bias|masked_bias)$", r"\.attention\.rotary_emb\.inv_freq$"]
 
     def __init__(self, config: GPTNeoXConfig):

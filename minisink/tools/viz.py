@@ -1,8 +1,8 @@
 """What the tutorials share: attention maps from the model's own code, sink mass, reference curves.
 
 Tutorials import this module instead of copying code between them. Nothing here changes how a model
-runs: attention maps come from `minisink.attention.attention_probs`, the first half of `attend`,
-called with the very arguments the model passed; perplexities come from `minisink.tools.eval`.
+runs: attention maps come from `minisink.attention.attention_probs`, `attend` written out,
+called with the queries and the keys the cache stored in the forward pass; perplexities come from `minisink.tools.eval`.
 
 - `attention_maps(model, ids)`: (layers, B, heads, T, T) probabilities of a causal forward.
 - `mass_on_first(P, k, skip)` and `uniform_mass(T, k, skip)`: how much attention late queries put on
