@@ -70,8 +70,9 @@ class Plan:
     q_pos_sink: torch.Tensor | None = None  # (T,) overflowing chunk: the cache position min(t, C-1)
     #   from which each query sees the sinks (kept rotated by s): its queries have different d_t
     # where the new tokens go (SinkCache.update)
-    slots: torch.Tensor | None = None      # (T',) int64 the slots the new tokens are written to (values)
-    key_slots: torch.Tensor | None = None  # (T',) int64 where their keys go: a sink's to its copy s, others S + slot
+    slots: torch.Tensor | None = None      # (T',) int64 the slots the new tokens are written to
+    new_sinks: tuple | None = ()           # (first, count): new sinks, the first `count` kept tokens;
+    #   () none; None unknown (a compiled step while the cache fills)
     keep: torch.Tensor | None = None       # (T',) which new tokens are written (an overflowing chunk); None: all
     shift: torch.Tensor | None = None      # () int64 d_t of the last query: how far the window has slid
     chunk: bool = False             # an overflowing chunk: attend to buffer + chunk, then write
@@ -92,10 +93,9 @@ class SinkCache(nn.Module):
         self.capacity = sink_size + window_size
         self.device, self.dtype = torch.device(device or "cpu"), dtype
         # per layer, allocated by the first update from that layer's own K (a sharded layer has fewer heads)
-        # keys: (B, kv_heads, S + S+W, hd): the S sinks' copies, rotated once by their own position s,
-        # then the S+W slots in the last query's frame (the sinks rotated by s + d_t, the window by j)
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []  # (B, kv_heads, S+W, hd): slot i's value, next to key S + i
+        self.k: list[torch.Tensor] = []       # (B, kv_heads, S+W, hd) in the last query's frame
+        self.v: list[torch.Tensor] = []       # (B, kv_heads, S+W, hd)
+        self.sink_k: list[torch.Tensor] = []  # (B, kv_heads, S, hd) the sinks' copies, rotated by s once
         self.register_buffer("slot_token", torch.full((self.capacity,), -1, dtype=torch.long, device=device))
         self.register_buffer("n", torch.zeros((), dtype=torch.long, device=device))  # tokens seen
         self.seen: int | None = 0  # n as the host counts it; None after a compiled step
@@ -108,7 +108,7 @@ class SinkCache(nn.Module):
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor a decode step reads and writes in place (Stream marks them static for CUDA graphs)."""
-        return [*self.k, *self.v, self.slot_token, self.n]
+        return [*self.k, *self.v, *self.sink_k, self.slot_token, self.n]
 
     def slots_of(self, tok: torch.Tensor) -> torch.Tensor:
         """Slot that stream index `tok` is written to: its own index for a sink, the ring otherwise."""
@@ -151,10 +151,13 @@ class SinkCache(nn.Module):
         if n is not None and n + T >= C:
             self.full = True
         self.n += T
-        key_slots = torch.where(slots < S, slots, S + slots)
+        if n is None:
+            new_sinks = () if self.full or not S else None
+        else:
+            new_sinks = (n, min(S - n, T)) if n < S else ()
         # d_t moves once t >= C; while the cache fills only a new sink moves them (a compiled step: always)
         sinks_move = S > 0 and (n is None or n < S or n + T > C)
-        plan = Plan(tok, k_pos, is_sink, mask, q_pos_sink, slots, key_slots, keep, shift, chunk, sinks_move)
+        plan = Plan(tok, k_pos, is_sink, mask, q_pos_sink, slots, new_sinks, keep, shift, chunk, sinks_move)
         if rope is not None:
             # one table for every layer: the queries' positions and the sinks' (shift or cache position)
             sink_pos = shift[None] if q_pos_sink is None else q_pos_sink
@@ -169,25 +172,31 @@ class SinkCache(nn.Module):
         S = self.S
         if layer == len(self.k):  # the shapes come from this layer's own K
             B, H, _, D = k.shape
-            self.k.append(torch.zeros(B, H, S + self.capacity, D, device=self.device, dtype=self.dtype))
+            self.k.append(torch.zeros(B, H, self.capacity, D, device=self.device, dtype=self.dtype))
             self.v.append(torch.zeros(B, H, self.capacity, D, device=self.device, dtype=self.dtype))
-        k_buf, v_buf = self.k[layer], self.v[layer]      # keys: [S copies | S sinks | W window]
+            self.sink_k.append(torch.zeros(B, H, S, D, device=self.device, dtype=self.dtype))
+        k_buf, v_buf, sink_k = self.k[layer], self.v[layer], self.sink_k[layer]
         k, v = k.to(self.dtype), v.to(self.dtype)
         if plan.rope is not None:
             k = plan.rope.apply(k, *plan.q_rope)   # a key is rotated once, by its stream index, when written
         if plan.chunk:  # attend to buffer + chunk, then write; the sinks as their copies, rotated by s
-            keys = torch.cat([k_buf[:, :, :S], k_buf[:, :, 2 * S:], k], 2)    # (B, H, C+T, hd)
+            keys = torch.cat([sink_k, k_buf[:, :, S:], k], 2)                  # (B, H, C+T, hd)
             values = torch.cat([v_buf, v], 2)
             k, v = k[:, :, plan.keep], v[:, :, plan.keep]
-        k_buf.index_copy_(2, plan.key_slots, k)
+        k_buf.index_copy_(2, plan.slots, k)
         v_buf.index_copy_(2, plan.slots, v)
+        if plan.new_sinks is None:  # compiled, the cache filling: the token may be a sink (a select)
+            s = plan.slots.clamp(max=S - 1)
+            sink_k.index_copy_(2, s, torch.where((plan.slots < S)[:, None], k, sink_k.index_select(2, s)))
+        elif plan.new_sinks:        # keep a copy of each new sink, as written: rotated by s
+            first, count = plan.new_sinks
+            sink_k[:, :, first:first + count] = k[:, :, :count]
         if plan.chunk:
             return keys, values
         if plan.sinks_move:  # the sinks follow the window: their copies rotated by d_t, into the sink slots
-            copies = k_buf[:, :, :S]
-            k_buf[:, :, S:2 * S] = copies if plan.rope is None else plan.rope.apply(copies, *plan.sink_rope)
+            k_buf[:, :, :S] = sink_k if plan.rope is None else plan.rope.apply(sink_k, *plan.sink_rope)
         used = plan.k_pos.shape[0]
-        return k_buf[:, :, S:S + used], v_buf[:, :, :used]
+        return k_buf[:, :, :used], v_buf[:, :, :used]
 
     def reset(self) -> None:
         """Forget the stream but keep the buffers (a new stream of the same shape)."""

@@ -68,7 +68,7 @@ def test_a_stream_far_in_equals_the_literal_form(arch, far):
         once.slot_token[S:] += D
         for layer, k in enumerate(once.k):
             unrotated = literal.k[layer][:, :, S:][:, :, age]      # (B, nkv, W, hd)
-            k[:, :, 2 * S:] = model.rotary(unrotated, once.slot_token[S:], torch.tensor(S + W - 1))
+            k[:, :, S:] = model.rotary(unrotated, once.slot_token[S:], torch.tensor(S + W - 1))
         assert int(once.n) > far
         for t in range(prompt, ids.shape[1]):
             want = decode_one_token(model, literal, ids[:, t])
