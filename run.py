@@ -124,8 +124,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     dtype = DTYPES[name]
-    if dtype == torch.float16 and device.type == "cpu":
-        raise UserError("--dtype fp16 is refused on CPU (most CPUs emulate fp16, slowly): use fp32, or bf16 to halve memory")
+    cli.refuse_fp16_on_cpu(dtype, device)
     return dtype
 
 
@@ -258,13 +257,8 @@ def memory(device: torch.device) -> str:
     """Memory in use now: the CUDA allocator's count on GPU, the process's resident set on CPU."""
     if device.type == "cuda":
         return f"GPU {torch.cuda.memory_allocated(device) / 1e6:,.0f} MB"
-    try:
-        with open("/proc/self/statm") as f:  # Linux: resident pages now
-            return f"RSS {int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 1e6:,.0f} MB"
-    except OSError:  # macOS and others: only the peak is known
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        return f"peak RSS {peak / 1e6:,.0f} MB"
+    rss, now = cli.resident_bytes()
+    return f"{'RSS' if now else 'peak RSS'} {rss / 1e6:,.0f} MB"
 
 
 class Meter:

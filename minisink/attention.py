@@ -1,142 +1,84 @@
-"""Causal attention over what the cache hands back, written out to be read (a fused kernel optional).
+"""Causal attention over what the cache hands back: one `F.scaled_dot_product_attention` call a layer.
 
-All four models call `attend` the same way: q, k, v plus the `Layout` of this forward pass
-(minisink/cache.py). Position information enters here and only here: RoPE rotates queries and keys
-by their positions (`rope_new_keys` rotates the new keys once, before the cache stores them, when the
-Layout is in the stream frame; in the paper's literal cache frame, `attend` rotates every cached key
-at every step); ALiBi subtracts slope * (query_pos - key_pos) from the scores. RoPE tables and ALiBi
-biases are built once per forward pass, by the first layer, and shared by the others (`per_pass`).
+All four models call `attend` the same way: q, k, v plus the `Plan` of this forward pass
+(minisink/cache.py). Position information enters through the plan and nowhere else: RoPE rotates
+the queries by their stream index here (the cache has rotated the keys when it wrote them, and the
+sinks into the query's frame); ALiBi subtracts slope * (query_pos - key_pos) from the scores, an
+additive float mask (in fp16/bf16 rounded to the model's dtype, as transformers' Falcon does on its
+SDPA path).
 
-The written-out formula is the default. `attend(..., sdpa=True)`, or every call inside a
-`with use_sdpa():` block, hands the same scores to PyTorch's fused
-`scaled_dot_product_attention` instead: faster for long prefill chunks, same mathematics (the mask
-is the Layout's, ALiBi goes in as an additive float mask). It needs one position per query, so a
-RoPE pass with two query positions (`layout.q_pos_sink`: a chunk that overflows the cache, or a
-decode step in the stream frame) always takes the written-out path. In fp16/bf16 the additive ALiBi mask is rounded to the model's dtype, as
-transformers' Falcon does on its SDPA path; the written-out path adds it in fp32.
+Grouped-query and multi-query attention read each K and V once: the group of query heads that
+share a kv head is folded into the query rows, (B, nh, T, hd) -> (B, nkv, g*T, hd), so the kernel
+sees nkv heads of g*T queries and K, V are never copied g times.
+
+`attention_probs` is the same computation written out (matmul, mask, softmax): the readable
+reference that tests/test_attention.py compares `attend` with, and what attention maps are drawn
+from (minisink/tools/viz.py, tutorials 2 and 8). The models never call it.
 """
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 
-from .cache import Layout
-from .rope import Rotary
-
-SDPA = False  # what `attend(sdpa=None)` does: False, the formula below; see `use_sdpa`
+from .cache import Plan
 
 
-@contextmanager
-def use_sdpa(enabled: bool = True):
-    """Inside this block every model attends through PyTorch's fused kernel (benchmarks, tests)."""
-    global SDPA
-    before, SDPA = SDPA, enabled
-    try:
-        yield
-    finally:
-        SDPA = before
+def rotated_query(q: torch.Tensor, k: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The queries (B, nh, T, hd) in the keys' frame, and the keys (B, nkv, L, hd') to match.
 
-
-def per_pass(layout: Layout, key, make):
-    """What every layer of this forward pass needs (RoPE tables, ALiBi biases): built once, shared."""
-    if key not in layout.tables:
-        layout.tables[key] = make()
-    return layout.tables[key]
-
-
-def rotate(x: torch.Tensor, layout: Layout, rope: Rotary, which: str) -> torch.Tensor:
-    """x (B, h, N, hd) rotated by the Layout's positions `which` (q_pos, q_pos_sink or k_pos)."""
-    cos, sin = per_pass(layout, (which, rope.key, x.dtype),
-                        lambda: rope.tables(getattr(layout, which), layout.max_pos, x.dtype))  # (N, dim)
-    return rope.apply(x, cos, sin)
-
-
-def rope_new_keys(k: torch.Tensor, layout: Layout, rope: Rotary) -> torch.Tensor:
-    """The keys k (B, nkv, T, hd) of this pass's tokens as the cache stores them.
-
-    Stream frame: rotated once, by their stream indices (= the queries' q_pos), never again.
-    Cache frame (the paper's literal form): un-rotated; `attend` rotates the whole cache each step.
+    One rotation, by t, for every query of a decode step or of a chunk that fits the cache. A chunk
+    that overflows the cache has queries with different d_t, which see the sinks from their cache
+    position min(t, C-1): two positions per query. They are put side by side in one head of twice
+    the width, q' = [R(t) q | R(min(t, C-1)) q], against k' = [window key | 0] or [0 | sink key], so
+    that q'.k' is the right score for either and the chunk still takes one attention call. (The
+    other exact choice, sink and window scores apart merged by their log-sum-exp, takes two calls
+    and a merge; this one costs a wider head, on the chunked path only.)
     """
-    return rotate(k, layout, rope, "q_pos") if layout.keys_rotated else k
+    if plan.rope is None:
+        return q, k
+    qr = plan.rope.apply(q, *plan.q_rope)
+    if plan.q_pos_sink is None:
+        return qr, k
+    sink = plan.is_sink[:, None]                                          # (L, 1)
+    q2 = torch.cat([qr, plan.rope.apply(q, *plan.sink_rope)], -1)          # (B, nh, T, 2hd)
+    k2 = torch.cat([k.masked_fill(sink, 0), k.masked_fill(~sink, 0)], -1)  # (B, nkv, L, 2hd)
+    return q2, k2
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, scale: float,
-           rope: Rotary | None = None, alibi_slopes: torch.Tensor | None = None,
-           sdpa: bool | None = None) -> torch.Tensor:
-    """q: (B, nh, T, hd); k, v: (B, nkv, L, hd) with nh a multiple of nkv -> (B, T, nh * hd)."""
-    if (SDPA if sdpa is None else sdpa) and (layout.q_pos_sink is None or rope is None):
-        return attend_sdpa(q, k, v, layout, scale, rope, alibi_slopes)
+def alibi_bias(plan: Plan, slopes: torch.Tensor) -> torch.Tensor:
+    """(nh, T, L) fp32: -slope_h * (query_pos - key_pos), distances in the queries' frame."""
+    q_pos = plan.q_pos[:, None]
+    if plan.q_pos_sink is not None:  # an overflowing chunk: its queries see the sinks from their cache position
+        q_pos = torch.where(plan.is_sink, plan.q_pos_sink[:, None], q_pos)
+    return -slopes[:, None, None] * (q_pos - plan.k_pos[None, :]).float()
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
+           alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """q: (B, nh, T, hd) as projected; k, v: (B, nkv, L, hd) from `SinkCache.update` -> (B, T, nh * hd)."""
     B, nh, T, hd = q.shape
     nkv, L = k.shape[1], k.shape[2]
-    probs = attention_probs(q, k, layout, scale, rope, alibi_slopes)   # (B, nh, T, L)
-    y = probs.view(B, nkv, nh // nkv * T, L) @ v                       # (B, nkv, g*T, hd)
-    return y.view(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd)
-
-
-def attention_probs(q: torch.Tensor, k: torch.Tensor, layout: Layout, scale: float,
-                    rope: Rotary | None = None, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, nh, T, L) softmax probabilities of queries q (B, nh, T, hd) over keys k (B, nkv, L, hd).
-
-    The first half of `attend`, public so that attention maps can be drawn with the same code.
-    """
-    B, nh, T, hd = q.shape
-    nkv = k.shape[1]
     g = nh // nkv  # query heads per kv head (GQA/MQA); head h reads kv head h // g
-
-    def scores_for(qr: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        # grouped heads share one K: fold the group into the query rows instead of copying K g times
-        s = qr.reshape(B, nkv, g * T, hd) @ keys.transpose(-1, -2)   # (B, nkv, g*T, L')
-        return s.view(B, nh, T, keys.shape[2]) * scale
-
-    if rope is None:
-        scores = scores_for(q, k)                                    # (B, nh, T, L)
-    else:
-        kr = k if layout.keys_rotated else rotate(k, layout, rope, "k_pos")
-        scores = scores_for(rotate(q, layout, rope, "q_pos"), kr)   # (B, nh, T, L)
-        if layout.q_pos_sink is not None:
-            # sinks are seen from the query's cache position: the query rotated a second time
-            q_sink, n = rotate(q, layout, rope, "q_pos_sink"), layout.sink_slots
-            if n is not None:  # the sinks are the first n slots: score only those again
-                # a product and a sum, not a matmul: S columns are too few to be worth a (possibly
-                # multi-threaded) batched matmul call per layer, which stalls on a busy machine
-                qs = q_sink.reshape(B, nkv, g * T, 1, hd)
-                sink = (qs * kr[:, :, None, :n]).sum(-1).view(B, nh, T, -1) * scale   # (B, nh, T, n)
-                scores = torch.cat([sink, scores[..., n:]], dim=-1)
-            else:              # a chunk past the capacity: sinks also among the chunk's own keys
-                scores = torch.where(layout.is_sink, scores_for(q_sink, kr), scores)
+    q, k = rotated_query(q, k, plan)
+    q = q.reshape(B, nkv, g * T, q.shape[-1])   # the group folded into the query rows
+    mask = None if plan.mask is None else plan.mask.repeat(g, 1)   # (g*T, L): row i*T + t is query t
     if alibi_slopes is not None:
-        scores = scores + alibi_bias(layout, alibi_slopes)          # (B, nh, T, L), fp32
-    scores = scores.masked_fill(~layout.mask, float("-inf"))
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-
-
-def alibi_bias(layout: Layout, slopes: torch.Tensor) -> torch.Tensor:
-    """(nh, T, L) fp32: -slope_h * (query_pos - key_pos), distances inside the cache; once per pass."""
-    return per_pass(layout, ("alibi", slopes.shape[0]), lambda: _alibi_bias(layout, slopes))
-
-
-def _alibi_bias(layout: Layout, slopes: torch.Tensor) -> torch.Tensor:
-    q_pos = layout.q_pos[:, None]
-    if layout.q_pos_sink is not None:  # two query positions: sinks are seen from the second
-        q_pos = torch.where(layout.is_sink, layout.q_pos_sink[:, None], q_pos)
-    distance = (q_pos - layout.k_pos[None, :]).float()              # (T, L)
-    return -slopes[:, None, None] * distance
-
-
-def attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, scale: float,
-                rope: Rotary | None = None, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
-    """`attend` through F.scaled_dot_product_attention. Needs one query frame when there is RoPE."""
-    assert layout.q_pos_sink is None or rope is None, "two query frames: use the written-out path"
-    B, nh, T, hd = q.shape
-    nkv, L = k.shape[1], k.shape[2]
-    g = nh // nkv
-    if rope is not None:
-        q = rotate(q, layout, rope, "q_pos")
-        k = k if layout.keys_rotated else rotate(k, layout, rope, "k_pos")
-    q = q.reshape(B, nkv, g * T, hd)   # the group folded into the query rows, as in `attend`
-    mask = layout.mask.repeat(g, 1)    # (g*T, L): row i*T + t is query t of the group's i-th head
-    if alibi_slopes is not None:
-        bias = alibi_bias(layout, alibi_slopes).view(nkv, g * T, L)
-        mask = bias.masked_fill(~mask, float("-inf")).to(q.dtype)   # additive float mask
+        bias = alibi_bias(plan, alibi_slopes).view(nkv, g * T, L)
+        mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        mask = mask.to(q.dtype)                                     # additive float mask
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, nkv, g*T, hd)
     return y.view(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, plan: Plan, scale: float,
+                    alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, nh, T, L) softmax probabilities of queries q (B, nh, T, hd) over keys k (B, nkv, L, hd),
+    written out: the reference for `attend` (probs @ v), and the attention maps."""
+    B, nh, T, hd = q.shape
+    nkv = k.shape[1]
+    q, k = rotated_query(q, k, plan)
+    k = k.repeat_interleave(nh // nkv, dim=1)                          # (B, nh, L, hd): head h reads h // g
+    scores = (q @ k.transpose(-1, -2)).float() * scale                 # (B, nh, T, L)
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(plan, alibi_slopes)
+    if plan.mask is not None:
+        scores = scores.masked_fill(~plan.mask, float("-inf"))
+    return torch.softmax(scores, dim=-1).to(q.dtype)

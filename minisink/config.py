@@ -15,7 +15,7 @@ def from_json(cls, d: dict, renames: dict[str, str] | None = None):
 
     Keys that are not fields are ignored on purpose: config.json carries many that do not touch the
     forward pass (architectures, torch_dtype, use_cache, ...). Keys that do change the math and that
-    minisink does not implement are checked explicitly by each config's `check`.
+    minisink does not implement are refused explicitly (`refuse`) by each config's `from_dict`.
     """
     d = {(renames or {}).get(k, k): v for k, v in d.items()}
     fields = {f.name for f in dataclasses.fields(cls)}

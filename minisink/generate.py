@@ -17,7 +17,6 @@ Policies, all through this loop so they can be compared:
   recompute  no KV cache across steps: re-encode the last S+W tokens from scratch for every new
              token, positions 0..S+W-1. The quality reference; quadratic cost.
 """
-import importlib
 from collections.abc import Iterator
 
 import torch
@@ -81,14 +80,18 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def prefill(model, cache: SinkCache, ids: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def prefill(model, cache: SinkCache, ids: torch.Tensor, chunk_size: int, each=None) -> torch.Tensor:
     """Feed ids (B, T) through the cache in chunks; return the last token's logits (B, vocab).
 
     Every chunk attends to the sinks plus each token's own window (see SinkCache), so a prompt far
     longer than the cache is prefilled exactly as if it had been streamed token by token.
+    `each(start, logits)`, if given, receives every chunk's logits (B, t, vocab) as it comes, e.g.
+    to score them (minisink/tools/eval.py): the one loop that feeds a stream in chunks.
     """
     for start in range(0, ids.shape[1], chunk_size):
         logits = model(ids[:, start:start + chunk_size], cache)
+        if each is not None:
+            each(start, logits)
     return logits[:, -1]
 
 
@@ -100,10 +103,11 @@ def decode_one_token(model, cache: SinkCache, token: torch.Tensor) -> torch.Tens
 class Stream:
     """One model streaming through one cache. Feed it text (ids) and let it talk, turn after turn.
 
-    compile=True compiles the decode step once (fullgraph, no recompiles): CUDA graphs on a GPU,
-    inductor's default mode on a CPU. On this project's 2-core CPU (docs/benchmarks.md) the
-    compiled step was 1-17% faster than eager at 1 thread, but not always at 2 threads on a busy
-    machine (up to 1.5x slower at the 134M Llama and Pythia-160M shapes): there, prefer eager.
+    The cache's buffers are allocated here, by one throwaway token (each layer sizes its buffers
+    from its own K, so a sharded model gets its own shapes), then the cache is reset: every token
+    of the stream, the first included, takes the same step. compile=True compiles that step once
+    (fullgraph, no recompiles): CUDA graphs on a GPU, inductor's default mode on a CPU, where
+    docs/benchmarks.md compares it with eager.
     """
 
     def __init__(self, model, policy: str = "sink", sink_size: int = 4, window_size: int = 1020,
@@ -112,29 +116,23 @@ class Stream:
         self.model, self.policy, self.batch_size = model, policy, batch_size
         self.device, self.dtype = weight.device, weight.dtype
         self.capacity = sink_size + window_size
-        if compile:  # before the cache, which marks its buffers static for CUDA graphs once this is loaded
-            importlib.import_module("torch._dynamo")
         self.cache = make_cache(policy, sink_size, window_size, self.device, self.dtype)
         self.prefill_chunk = prefill_chunk or min(window_size, 512)
         self.history = torch.empty(batch_size, 0, dtype=torch.long, device=self.device)  # recompute only
+        if policy != "recompute":
+            with torch.inference_mode():  # allocate the buffers (the token's keys are forgotten)
+                model(torch.zeros(batch_size, 1, dtype=torch.long, device=self.device), self.cache)
+            self.cache.reset()
         self.step = decode_one_token
         if compile:
-            # CUDA graphs on a GPU; inductor's default mode (C++/OpenMP kernels) on a CPU, where
-            # reduce-overhead has no graphs to replay
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self.step = torch.compile(decode_one_token, mode=mode, fullgraph=True)
-            if mode == "reduce-overhead":
-                # a CUDA graph's output lives in the graph's own memory and its next replay overwrites
-                # it: hand out a copy (one row of logits), so that logits kept by a caller stay valid.
-                # Inductor's CPU kernels return fresh tensors: no copy needed there.
-                graphed = self.step
-                self.step = lambda model, cache, token: graphed(model, cache, token).clone()
+            self.step = compiled_step(self.cache, self.device)
+        self.fed = 0         # tokens fed, counted on the host
         self.logits = None   # (B, vocab) prediction for the next token
         self.pending = None  # (B,) last generated token, not fed yet: it goes in with the next feed
 
     @property
     def tokens_seen(self) -> int:
-        return self.history.shape[1] if self.policy == "recompute" else self.cache.length
+        return self.history.shape[1] if self.policy == "recompute" else self.fed
 
     @property
     def slots_used(self) -> int:
@@ -157,10 +155,13 @@ class Stream:
         if self.policy == "recompute":
             for t in range(ids.shape[1]):
                 self.logits = self._recompute(ids[:, t])
-        elif ids.shape[1] == 1 and self.cache.k:  # the step: once the buffers exist, shapes are static
+        elif ids.shape[1] == 1:  # the step, every token of the stream alike
             self.logits = self.step(self.model, self.cache, ids[:, 0])
-        else:  # a prompt, or the very first token (it allocates the buffers): eager, never graphed
+        else:  # a prompt: chunks of varying length, eager, never graphed
             self.logits = prefill(self.model, self.cache, ids, self.prefill_chunk)
+        self.fed += ids.shape[1]
+        if self.policy in ("sink", "window") and self.fed >= self.capacity:
+            self.cache.full = True  # what a compiled step cannot count itself: no mask from now on
         return self.logits
 
     def _recompute(self, token: torch.Tensor) -> torch.Tensor:
@@ -196,3 +197,18 @@ class Stream:
                 done |= torch.isin(token, stop)
                 if bool(done.all()):
                     return
+
+
+def compiled_step(cache: SinkCache, device: torch.device):
+    """`decode_one_token` compiled: CUDA graphs on a GPU (mode="reduce-overhead"), inductor's
+    default mode (fused C++ kernels) on a CPU, which has no graphs to replay. torch._dynamo is
+    imported here, only when compiling: it takes seconds."""
+    import torch._dynamo
+    for buf in cache.tensors():  # they never move: a CUDA graph reads and writes them in place
+        torch._dynamo.mark_static_address(buf)
+    if device.type != "cuda":
+        return torch.compile(decode_one_token, fullgraph=True)
+    graphed = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    # a CUDA graph's output lives in the graph's own memory and its next replay overwrites it: hand
+    # out a copy (one row of logits), so that logits kept by a caller stay valid
+    return lambda model, cache, token: graphed(model, cache, token).clone()

@@ -3,8 +3,8 @@
 The paper's rule (StreamingLLM, section 3.2) is literal: positions are slots in the cache, not
 indices in the text. Keep keys un-rotated, and at every step rotate every cached key by its
 position *inside the cache* and the query by the last position. As old tokens are evicted, the
-same key is rotated by a different angle each step. `Rotary.__call__(x, pos)` does exactly that,
-and tests/test_cache.py keeps this literal form as the oracle.
+same key is rotated by a different angle each step. tests/test_cache.py keeps this literal form
+(`NaiveCache`, with `Rotary.__call__(x, pos)`) as the oracle, and tutorial 4 as the lesson.
 
 Only differences of positions reach a RoPE score: q rotated by a, k rotated by b gives
 q^T R(b - a) k. Let t be the stream index of the query, j of a key, S sinks, W window, C = S+W.
@@ -12,24 +12,25 @@ q^T R(b - a) k. Let t be the stream index of the query, j of a key, S sinks, W w
 - A window key j sits at cache position p_q - (t - j), where p_q = min(t, C-1) is the query's own
   cache position: its score depends on t - j only. Rotating the key by j, once, when it is written,
   and the query by t gives the same score.
-- A sink s sits at cache position s and is seen from p_q = min(t, C-1). With the sink stored rotated
-  by s (its stream index is its cache position), the query is rotated a second time, by min(t, C-1),
-  for the S sink columns only.
+- A sink s sits at cache position s, p_q - s before the query. In the query's frame (rotated by t)
+  that is s + d_t, d_t = max(0, t - (C-1)): the sinks follow the window. The cache re-rotates its
+  S sink keys by d_t at every step, from a copy rotated by s (so no rounding accumulates).
 
-So the cache stores keys rotated by their stream index (minisink/cache.py: `rotate_keys_once`) and a
-step rotates one new key and the query twice: 2 positions of tables instead of S+W, and nothing in
-the cache is touched again. Same scores as the literal form, up to float rounding.
+So a step rotates the query and its new key by t and the S sinks by d_t: the tables of two
+positions instead of S+W, and the window in the cache is never touched again (minisink/cache.py).
+Same scores as the literal form, up to float rounding.
 
 Angles: a stream is endless, so t grows without bound. In fp32, t * inv_freq at t ~ 10^6 is off by
 ~0.06 rad (24-bit mantissa). So the angle t * inv_freq is formed from the int64 position in float64
 and reduced modulo 2 pi there (error ~10^-10 rad at t ~ 10^6, ~10^-4 at t ~ 10^12); the reduced
 angle, in [0, 2 pi), goes to fp32 and cos/sin run in fp32 as in HF. The frequencies themselves are
 the fp32 values HF computes, so short positions agree with HF to an ulp.
-The tables are built once per forward pass, for all layers (minisink/attention.py `rope_tables`).
+The tables are built once per forward pass, for all layers (`SinkCache.begin` puts them in its Plan).
 
 Dynamic NTK scaling changes the frequencies with the largest position in use; once the cache is
 full that is constant (C-1). While it fills, a key keeps the frequencies it was written with, as in
-HF's own cache; the literal form re-rotates it with the newest ones. The two agree unless the cache
+HF's own cache (a sink copy too, re-rotated by d_t with the newest ones); the literal form
+re-rotates every key with the newest ones. The two agree unless the cache
 is larger than the trained context, the only case where dynamic NTK acts at all under StreamingLLM.
 """
 import math
@@ -102,6 +103,7 @@ class Rotary:
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: (B, nh, N, hd) rotated by tables (N, dim) of `tables`; same shape and dtype."""
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)   # no-ops when the tables are in x's dtype already
         x_rot, x_pass = x[..., : self.dim], x[..., self.dim :]
         x1, x2 = x_rot.chunk(2, dim=-1)
         rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin

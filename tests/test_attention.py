@@ -1,114 +1,76 @@
-"""The fused path (PyTorch SDPA) against the written-out attention, for all four architectures.
+"""`attend` (one F.scaled_dot_product_attention call) against the written-out reference.
 
-`attend(..., sdpa=True)` must be the same function as the default: same mask, same positions, same
-ALiBi. Compared here over the three kinds of forward pass a stream makes: a chunk that fits the
-cache (write first), a chunk that overflows it (buffer + chunk; RoPE models fall back to the
-written-out path there, ALiBi takes SDPA with the bias as an additive mask), and one-token decode
-(RoPE with sinks: the written-out path too, as the sinks are seen from a second query position).
+`attention_probs` is the formula by hand (matmul, mask, softmax); `attend` must be that, times V,
+over the three kinds of forward pass a stream makes: a chunk that fits the cache (write first), a
+chunk that overflows it (buffer + chunk, two query positions side by side in one call), and
+one-token decode (the sinks re-rotated into the query's frame), with RoPE and with ALiBi, and for
+every grouping of query heads over kv heads.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
-import minisink.attention
-from minisink.attention import attend, use_sdpa
+from minisink.alibi import alibi_slopes
+from minisink.attention import attend, attention_probs
 from minisink.cache import SinkCache
-from minisink.generate import decode_one_token, prefill
 from minisink.rope import Rotary
-from test_cache import ARCHS, VOCAB, stream_minisink, stream_oracle, tiny_model
 
 
-@pytest.fixture
-def sdpa_calls(monkeypatch):
-    """Records the calls that reach F.scaled_dot_product_attention during the test."""
-    calls, fused = [], F.scaled_dot_product_attention
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return fused(*args, **kwargs)
-    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
-    return calls
+def passes(S=2, W=6, rope=None, dtype=torch.float32):
+    """(name, plan) of every kind of pass a stream makes, in the order a stream makes them."""
+    cache = SinkCache(S, W, dtype=dtype)
+    yield "chunk that fits", cache.begin(5, rope)
+    yield "decode, filling", cache.begin(1, rope)
+    yield "chunk that overflows", cache.begin(13, rope)
+    yield "decode, full", cache.begin(1, rope)
+    cache.seen = None  # as after a compiled step: all slots, unused ones masked
+    yield "decode, count unknown", cache.begin(1, rope)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_full_forward_sdpa_matches_written_out(arch, sdpa_calls):
-    model = tiny_model(arch)
-    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = model(ids)
-        with use_sdpa():
-            got = model(ids)
-    assert len(sdpa_calls) == 2  # one per layer: the fused path was taken
-    assert (got - want).abs().max() < 1e-5
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+@pytest.mark.parametrize("nkv", [1, 2, 4])
+def test_attend_is_the_written_out_formula(position, nkv):
+    g = torch.Generator().manual_seed(nkv)
+    rope = Rotary(12) if position == "rope" else None   # partial rotary: 12 of 16 channels
+    slopes = alibi_slopes(4) if position == "alibi" else None
+    for name, plan in passes(rope=rope):
+        T, L = plan.q_pos.shape[0], plan.k_pos.shape[0]
+        q = torch.randn(2, 4, T, 16, generator=g)
+        k, v = (torch.randn(2, nkv, L, 16, generator=g) for _ in range(2))
+        want = (attention_probs(q, k, plan, 0.25, slopes) @ v.repeat_interleave(4 // nkv, 1))  # (B, nh, T, hd)
+        got = attend(q, k, v, plan, 0.25, slopes)                                              # (B, T, nh*hd)
+        assert (got - want.transpose(1, 2).reshape(2, T, 64)).abs().max() < 1e-5, name
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("S, W", [(4, 12), (0, 9)])
-@pytest.mark.parametrize("chunk", [5, 16, 30])  # fits the cache, equals it, overflows it
-def test_streaming_with_sdpa_matches_written_out(arch, S, W, chunk, sdpa_calls):
-    model = tiny_model(arch)
-    ids = torch.randint(0, VOCAB, (2, 45), generator=torch.Generator().manual_seed(S + W + chunk))
-    want = stream_minisink(model, ids, S, W, prompt_len=30, chunk=chunk)
-    with use_sdpa():
-        got = stream_minisink(model, ids, S, W, prompt_len=30, chunk=chunk)
-    one_frame_somewhere = arch == "mpt" or S == 0 or chunk <= S + W  # RoPE: a prefill chunk that fits
-    assert bool(sdpa_calls) == one_frame_somewhere, "the fused path was taken where it cannot be, or never"
-    assert (got - want).abs().max() < 1e-5
-    # and both are the token-by-token oracle
-    assert (got - stream_oracle(model, ids, S, W)).abs().max() < 1e-5
-
-
-def test_two_query_frames_with_rope_take_the_written_out_path(sdpa_calls):
-    model = tiny_model("llama")
-    cache = SinkCache(2, 6)
-    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), use_sdpa():
-        model(ids[:, :4], cache)   # fits: fused
-        assert len(sdpa_calls) == 2
-        model(ids[:, 4:20], cache)  # overflows the cache: the sinks need a second query frame
-        assert len(sdpa_calls) == 2
-
-
-def test_sdpa_is_off_by_default_and_use_sdpa_restores():
-    assert minisink.attention.SDPA is False
-    with use_sdpa():
-        assert minisink.attention.SDPA is True
-        with use_sdpa(False):
-            assert minisink.attention.SDPA is False
-        assert minisink.attention.SDPA is True
-    assert minisink.attention.SDPA is False
+def test_overflowing_chunk_sees_each_sink_from_its_cache_position():
+    """Two query positions in one call: q' = [R(t) q | R(min(t, C-1)) q] against [window | 0], [0 | sink]."""
+    rope = Rotary(8)
+    plan = dict(passes(rope=rope))["chunk that overflows"]
+    q, k = torch.randn(1, 1, 13, 8), torch.randn(1, 1, plan.k_pos.shape[0], 8)
+    scores = attention_probs(q, k, plan, 1.0).log()       # log-softmax: scores up to a constant per row
+    for t in range(13):
+        p_t = rope(q[:, :, t:t + 1], plan.q_pos[t:t + 1], torch.tensor(7))     # the window's frame
+        s_t = rope(q[:, :, t:t + 1], plan.q_pos_sink[t:t + 1], torch.tensor(7))  # the sinks'
+        want = torch.where(plan.is_sink, s_t @ k.transpose(-1, -2), p_t @ k.transpose(-1, -2))[0, 0, 0]
+        seen = plan.mask[t]
+        got = scores[0, 0, t, seen] - scores[0, 0, t, seen].max()
+        assert (got - (want[seen] - want[seen].max())).abs().max() < 1e-4, t
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("nkv", [1, 2, 4])
-def test_attend_sdpa_in_low_precision(dtype, nkv):
-    """bf16/fp16 inputs: both paths within a few roundings of the fp32 computation on the same inputs.
+def test_attend_in_low_precision(dtype, nkv):
+    """bf16/fp16 inputs: within a few roundings of the fp32 computation on the same inputs.
 
-    The written-out path rounds the scores to the dtype before its fp32 softmax, the fused kernel
-    need not; the output is a convex combination of values |v| <= 4, rounded once. Measured: at most
-    1 u * 4 for either; bound 4 u * 4.
+    The output is a convex combination of values |v| <= 4, rounded once. Measured: at most 1 u * 4;
+    bound 4 u * 4.
     """
     g = torch.Generator().manual_seed(nkv)
-    layout = SinkCache(2, 30, dtype=dtype).begin(24)
+    plan = SinkCache(2, 30, dtype=dtype).begin(24, Rotary(16))
+    plan32 = SinkCache(2, 30).begin(24, Rotary(16))
     q = torch.randn(2, 4, 24, 16, generator=g).to(dtype)
-    L = layout.mask.shape[1]  # the 24 slots in use: an eager pass over a filling cache spans only those
+    L = plan.k_pos.shape[0]  # the 24 slots in use: an eager pass over a filling cache spans only those
     k, v = (torch.randn(2, nkv, L, 16, generator=g).clamp(-4, 4).to(dtype) for _ in range(2))
-    exact = attend(q.float(), k.float(), v.float(), layout, 0.25, rope=Rotary(16))
+    exact = attend(q.float(), k.float(), v.float(), plan32, 0.25)
     bound = 4 * (torch.finfo(dtype).eps / 2) * 4
-    for sdpa in (False, True):
-        got = attend(q, k, v, layout, 0.25, rope=Rotary(16), sdpa=sdpa)
-        assert got.dtype == dtype and (got.float() - exact).abs().max() <= bound
-
-
-@pytest.mark.parametrize("arch", ["llama", "mpt"])  # RoPE, and ALiBi as a float mask
-def test_sdpa_decode_step_compiles_without_graph_breaks(arch):
-    model = tiny_model(arch)
-    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
-    cache, reference = SinkCache(2, 6), SinkCache(2, 6)
-    with torch.no_grad(), use_sdpa():
-        prefill(model, cache, ids[:, :9], chunk_size=9)
-        prefill(model, reference, ids[:, :9], chunk_size=9)
-        torch._dynamo.reset()
-        step = torch.compile(decode_one_token, fullgraph=True, backend="eager")
-        for t in range(9, 16):
-            got, want = step(model, cache, ids[:, t]), decode_one_token(model, reference, ids[:, t])
-            assert (got - want).abs().max() < 1e-6
+    got = attend(q, k, v, plan, 0.25)
+    assert got.dtype == dtype and (got.float() - exact).abs().max() <= bound

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minisink.cache import DenseCache, Layout, SinkCache
+from minisink.cache import DenseCache, Plan, SinkCache
 from minisink.generate import Stream, decode_one_token, prefill, sample
 
 VOCAB = 61
@@ -13,22 +13,25 @@ VOCAB = 61
 
 class NaiveCache:
     """The official algorithm, written for clarity not speed (mit-han-lab/streaming-llm's
-    StartRecentKVCache, with the current token written before it attends): concatenate the new
-    key, evict the middle so that the first S and the last W remain, keep keys un-rotated and give
-    them positions 0..len-1 afresh at every step. One token at a time."""
+    StartRecentKVCache, with the current token written before it attends), in the paper's literal
+    frame: concatenate the new key, evict the middle so that the first S and the last W remain, keep
+    keys un-rotated and rotate them by their positions 0..len-1 afresh at every step (the query by
+    len-1). One token at a time. minisink/cache.py's frame must give the same logits."""
 
     def __init__(self, S, W):
         self.S, self.W, self.k, self.v, self.n = S, W, [], [], 0
 
-    def begin(self, T):
+    def begin(self, T, rope=None):
         assert T == 1, "the oracle streams one token at a time"
         self.n += 1
         L = min(self.n, self.S + self.W)
-        pos = torch.arange(L)
-        return Layout(k_pos=pos, q_pos=pos[-1:], q_pos_sink=None, is_sink=pos < self.S,
-                      mask=torch.ones(1, L, dtype=torch.bool), max_pos=pos[-1])
+        self.pos = torch.arange(L)                       # positions inside the cache, by age
+        plan = Plan(q_pos=self.pos[-1:], k_pos=self.pos, is_sink=self.pos < self.S, mask=None)
+        if rope is not None:  # the query rotated by its cache position; the keys in `update`
+            plan.rope, plan.q_rope = rope, rope.tables(self.pos[-1:], self.pos[-1], torch.float32)
+        return plan
 
-    def update(self, layer, k, v):
+    def update(self, layer, k, v, plan):
         if layer == len(self.k):
             self.k.append(k[:, :, :0]), self.v.append(v[:, :, :0])
         k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
@@ -36,7 +39,9 @@ class NaiveCache:
             k = torch.cat([k[:, :, :self.S], k[:, :, self.S + 1:]], 2)
             v = torch.cat([v[:, :, :self.S], v[:, :, self.S + 1:]], 2)
         self.k[layer], self.v[layer] = k, v
-        return k, v
+        if plan.rope is None:
+            return k, v
+        return plan.rope(k, self.pos, self.pos[-1]), v   # every key re-rotated, every step
 
 
 # Tiny random configs, one per architecture, written as config.json dicts (what a user's folder has)
@@ -88,8 +93,10 @@ def stream_oracle(model, ids, S, W):
 def stream_minisink(model, ids, S, W, prompt_len, chunk, cache=None):
     """Prefill `prompt_len` tokens in chunks of `chunk`, then decode the rest one token at a time."""
     cache = cache or SinkCache(S, W)
+    out = []
     with torch.no_grad():
-        out = [model(ids[:, s:min(s + chunk, prompt_len)], cache) for s in range(0, prompt_len, chunk)]
+        if prompt_len:
+            prefill(model, cache, ids[:, :prompt_len], chunk, each=lambda start, logits: out.append(logits))
         out += [decode_one_token(model, cache, ids[:, t])[:, None] for t in range(prompt_len, ids.shape[1])]
     return torch.cat(out, 1)
 
@@ -120,27 +127,55 @@ def test_matches_naive_oracle_property(S, W, extra, chunk, prompt_frac):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_rotate_once_equals_the_literal_form(arch):
-    """Keys rotated once by stream index (the default) == the paper's re-rotation by cache positions,
-    through prefill chunks that fit, chunks that overflow, and decode with the cache full."""
-    for S, W, chunk in [(4, 12, 5), (0, 9, 30), (2, 6, 40), (1, 7, 3)]:
+def test_chunked_equals_token_by_token(arch):
+    """Prefill in chunks that fit, chunks that overflow the cache, and one chunk of the whole stream:
+    the same logits as feeding the stream one token at a time, over streams 5x the cache."""
+    model = tiny_model(arch)
+    for S, W, chunk in [(4, 12, 5), (0, 9, 30), (2, 6, 40), (1, 7, 3), (4, 12, 80)]:
         ids = torch.randint(0, VOCAB, (2, 5 * (S + W)), generator=torch.Generator().manual_seed(S + W))
-        model = tiny_model(arch)
-        literal = stream_minisink(model, ids, S, W, 2 * (S + W), chunk, SinkCache(S, W, rotate_keys_once=False))
-        once = stream_minisink(model, ids, S, W, 2 * (S + W), chunk)
-        assert (once - literal).abs().max() < 1e-5, (S, W, chunk)
+        one_by_one = stream_minisink(model, ids, S, W, 0, 1)
+        chunked = stream_minisink(model, ids, S, W, ids.shape[1], chunk)
+        assert (chunked - one_by_one).abs().max() < 1e-4, (S, W, chunk)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_attention_call_per_layer_and_only_the_sinks_move(arch, monkeypatch):
+    """A decode step over a full cache: one F.scaled_dot_product_attention call per layer, and of
+    the keys it attends to, only the S sinks (re-rotated by d_t) and the slot of the new token change."""
+    S, W = 3, 8
+    model = tiny_model(arch)
+    ids = torch.randint(0, VOCAB, (1, 4 * (S + W)), generator=torch.Generator().manual_seed(0))
+    cache = SinkCache(S, W)
+    with torch.no_grad():
+        prefill(model, cache, ids[:, :3 * (S + W)], chunk_size=5)
+        decode_one_token(model, cache, ids[:, 3 * (S + W)])             # a step, so the sinks have moved
+        before = [k.clone() for k in cache.k]                            # what the next step attends to
+        calls = []
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                            lambda *a, **kw: calls.append(kw.get("attn_mask")) or sdpa(*a, **kw))
+        t = 3 * (S + W) + 1
+        decode_one_token(model, cache, ids[:, t])
+    assert len(calls) == len(before)                                     # one per layer
+    rope = arch != "mpt"                                                 # ALiBi: a bias, no moved keys
+    assert all(mask is None for mask in calls) or not rope               # full cache: no mask
+    new_slot = int(cache.slots_of(torch.tensor(t)))
+    for k_before, k in zip(before, cache.k):
+        changed = {i for i in range(S + W) if not torch.equal(k_before[:, :, i], k[:, :, i])}
+        assert changed == ({*range(S), new_slot} if rope else {new_slot})
 
 
 def test_eager_pass_over_a_filling_cache_spans_the_slots_in_use():
-    """Eager: a step costs what the stream holds until the cache is full, then S+W slots for ever.
-    Compiled: always S+W slots (static shapes); the host count is dropped, and eager passes after a
-    compiled step span every slot until a chunk reads the count back from the device."""
+    """Eager: a step costs what the stream holds until the cache is full, then S+W slots for ever,
+    without a mask. Compiled: always S+W slots (static shapes), the unused ones masked; the host
+    count is then unknown, until a chunk reads it back from the device."""
     cache = SinkCache(2, 6)
     kv = torch.zeros(1, 1, 1, 4)
     spans = []
     for _ in range(12):
-        spans.append(cache.begin(1).mask.shape[1])
-        assert cache.update(0, kv, kv)[0].shape[2] == spans[-1]
+        plan = cache.begin(1)
+        assert plan.mask is None
+        spans.append(cache.update(0, kv, kv, plan)[0].shape[2])
     assert spans == [1, 2, 3, 4, 5, 6, 7, 8, 8, 8, 8, 8]
     model, ids = tiny_model("llama"), torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
     cache, reference = SinkCache(2, 6), SinkCache(2, 6)
@@ -151,13 +186,11 @@ def test_eager_pass_over_a_filling_cache_spans_the_slots_in_use():
         for t in range(2, 6):
             got, want = step(model, cache, ids[:, t]), decode_one_token(model, reference, ids[:, t])
             assert (got - want).abs().max() < 1e-6
-        assert cache._host_n is None and reference._host_n == 6
-        assert cache.begin(1).mask.shape[1] == 8  # eager, count unknown: every slot, unused ones masked
-        cache.n -= 1  # (undo that plan)
+        assert cache.seen is None and reference.seen == 6
         got, want = decode_one_token(model, cache, ids[:, 6]), decode_one_token(model, reference, ids[:, 6])
-        assert (got - want).abs().max() < 1e-6
+        assert (got - want).abs().max() < 1e-6   # eager, count unknown: every slot, unused ones masked
         prefill(model, cache, ids[:, 7:9], 2), prefill(model, reference, ids[:, 7:9], 2)
-        assert cache._host_n == reference._host_n == 9  # a chunk reads the count back
+        assert cache.seen == reference.seen == 9  # a chunk reads the count back
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -209,9 +242,9 @@ def test_buffers_never_move_over_a_long_stream():
     cache = SinkCache(S, W)
     kv = lambda t: torch.full((1, 2, 1, 8), float(t))  # (B, kv_heads, T=1, hd), tagged by token
     def step(t):
-        cache.begin(1)
+        plan = cache.begin(1)
         for layer in range(layers):
-            cache.update(layer, kv(t), -kv(t))
+            cache.update(layer, kv(t), -kv(t), plan)
     for t in range(S + W):
         step(t)
     before = [(t, t.shape, t.data_ptr()) for t in [*cache.k, *cache.v, cache.slot_token, cache.n]]
@@ -223,7 +256,8 @@ def test_buffers_never_move_over_a_long_stream():
     # the sinks still hold tokens 0..3, the window the last 28 tokens, each in its ring slot
     assert cache.slot_token[:S].tolist() == [0, 1, 2, 3]
     assert sorted(cache.slot_token[S:].tolist()) == list(range(20_000 - W, 20_000))
-    assert torch.equal(cache.k[1][0, 0, :, 0], cache.slot_token.float())
+    assert torch.equal(cache.k[1][0, 0, :, 0], cache.slot_token.float())   # no RoPE: the sinks as copied
+    assert torch.equal(cache.sink_k[1][0, 0, :, 0], cache.slot_token[:S].float())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -282,14 +316,16 @@ def test_turns_share_one_stream():
 
 
 def test_compiled_stream_compiles_once_and_agrees_with_eager():
-    """The first token (it allocates the buffers) and prompts stay eager; every later step is one graph."""
+    """Every token goes through the compiled step, the first too (Stream allocated the buffers);
+    prompts stay eager."""
     from torch._dynamo.utils import counters
     model = tiny_model("llama")
     torch._dynamo.reset()
     counters.clear()
     prompt = torch.tensor([[1]])  # BOS alone: the case that used to compile twice
     compiled = [int(t) for t in Stream(model, "sink", 2, 6, compile=True).generate(prompt, max_new_tokens=15)]
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
-    assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] == 1  # inductor, once
+    # two graphs: while the cache fills (its unused slots masked), and once it is full (no mask)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+    assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] == 2
     eager = [int(t) for t in Stream(model, "sink", 2, 6).generate(prompt, max_new_tokens=15)]
     assert compiled == eager

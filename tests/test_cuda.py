@@ -9,12 +9,11 @@ largest logit change, so twice that for NLLs.
 import pytest
 import torch
 
-from minisink.attention import use_sdpa
 from minisink.tools.bench.gpu import GraphCounts, host_syncs
 from minisink.tools.bench.models import CONFIGS, random_model
 from minisink.cache import SinkCache
 from minisink.tools.eval import token_nll
-from minisink.generate import Stream
+from minisink.generate import Stream, prefill
 from test_cache import ARCHS, VOCAB, tiny_model
 from test_dtypes import LOGIT_TOL, roundoff
 
@@ -24,9 +23,10 @@ HALF = [torch.bfloat16, torch.float16]
 
 def streaming_logits(model, ids, S, W, chunk):
     """Logits (T, V) fp32 of ids (1, T) streamed through a sink cache in chunks of `chunk`."""
-    cache = SinkCache(S, W, ids.device, next(model.parameters()).dtype)
+    cache, rows = SinkCache(S, W, ids.device, next(model.parameters()).dtype), []
     with torch.inference_mode():
-        return torch.cat([model(ids[:, s:s + chunk], cache)[0].float() for s in range(0, ids.shape[1], chunk)])
+        prefill(model, cache, ids, chunk, each=lambda start, logits: rows.append(logits[0].float()))
+    return torch.cat(rows)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def tinyllama_1b():
 @pytest.mark.parametrize("dtype", HALF)
 def test_1b_streaming_nll_in_half_matches_fp32(tinyllama_1b, dtype):
     """1,024 tokens through a 4+252 cache (evicting from token 256 on), chunks of 100: bf16/fp16
-    against fp32, logits and the NLL of every token, then the same stream attended through SDPA."""
+    against fp32, logits and the NLL of every token."""
     ids = torch.randint(0, 32000, (1, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     want = streaming_logits(tinyllama_1b, ids, 4, 252, 100)
     half = random_model(CONFIGS["tinyllama-1.1b"], "cuda", torch.float32).to(dtype)   # same seed: rounded
@@ -49,21 +49,16 @@ def test_1b_streaming_nll_in_half_matches_fp32(tinyllama_1b, dtype):
           f"NLL fp32 {nll_want.mean():.4f} vs {nll_got.mean():.4f}")
     assert (got - want).abs().max() <= tol
     assert (nll_got - nll_want).abs().max() <= 2 * tol
-    with use_sdpa():
-        fused = streaming_logits(half, ids, 4, 252, 100)
-    assert (fused - want).abs().max() <= tol
-    assert (fused - got).abs().max() <= tol
 
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("chunk", [5, 16, 30])   # fits the 4+12 cache, equals it, overflows it
-def test_chunked_prefill_through_sdpa_matches_written_out(arch, dtype, chunk):
+def test_chunked_prefill_in_half_matches_token_by_token(arch, dtype, chunk):
     model = tiny_model(arch).to("cuda", dtype)
     ids = torch.randint(0, VOCAB, (1, 45), generator=torch.Generator().manual_seed(chunk)).to("cuda")
-    want = streaming_logits(model, ids, 4, 12, chunk)
-    with use_sdpa():
-        got = streaming_logits(model, ids, 4, 12, chunk)
+    want = streaming_logits(model, ids, 4, 12, 1)
+    got = streaming_logits(model, ids, 4, 12, chunk)
     with torch.inference_mode():
         scale = streaming_logits(tiny_model(arch).to("cuda"), ids, 4, 12, chunk).abs().max()
     assert (got - want).abs().max() <= LOGIT_TOL * roundoff(dtype) * scale

@@ -159,12 +159,12 @@ def test_regenerate_is_one_command_and_writes_only_when_asked(tmp_path, capsys):
     shutil.copytree(GOLDEN / LLAMA, tmp_path / LLAMA)
     golden_file = tmp_path / LLAMA / "golden.safetensors"
     tensors = golden.load_case(tmp_path / LLAMA).golden()
-    tensors["decode_logits"][0, 0] += 1e-3  # as if minisink's numerics had moved since the case was made
+    tensors["decode_logits"][0, 0] += 1e-2  # as if minisink's numerics had moved since the case was made
     save_file(tensors, str(golden_file), metadata={"format": golden.FORMAT})
     moved = golden_file.read_bytes()
     assert golden.main(["regenerate", str(tmp_path)]) == 0     # a folder of cases, like tests/golden
     out = capsys.readouterr().out
-    assert out.startswith(f"{LLAMA}: would change (pass --write") and "decode_logits max|Δ| 1.00e-03" in out
+    assert out.startswith(f"{LLAMA}: would change (pass --write") and "decode_logits max|Δ| 1.00e-02" in out
     assert golden_file.read_bytes() == moved                   # a report, nothing written
     assert golden.main(["regenerate", "--write", str(tmp_path)]) == 0
     assert f"{LLAMA}: rewritten; tokens unchanged" in capsys.readouterr().out

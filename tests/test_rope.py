@@ -6,7 +6,7 @@ import torch
 from minisink.cache import SinkCache
 from minisink.generate import decode_one_token, prefill
 from minisink.rope import RopeScaling, Rotary
-from test_cache import ARCHS, VOCAB, tiny_model
+from test_cache import ARCHS, VOCAB, NaiveCache, tiny_model
 
 FAR = 1_000_000
 
@@ -40,36 +40,36 @@ def test_fp32_angles_would_not_be_exact_at_a_million():
     assert drift.abs().max() > 1e-2
 
 
-def rotaries(model):
-    return [m.rotary for m in model.modules() if hasattr(m, "rotary")]  # one per layer, in order
-
-
+@pytest.mark.parametrize("far", [FAR, 10**9])
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a != "mpt"])  # MPT has ALiBi: no angles
-def test_a_stream_a_million_tokens_in_equals_the_literal_form(arch):
-    """Teleport a stream to token ~10^6, then decode: same logits as the paper's literal cache.
+def test_a_stream_far_in_equals_the_literal_form(arch, far):
+    """Teleport a stream to token ~10^6 (~10^9), then decode: same logits as the paper's literal cache.
 
-    Both caches take the same 3*(S+W) tokens. The literal cache (un-rotated keys, cache positions)
-    is left as is: its state does not depend on how far the stream has gone, only on which tokens
-    its slots hold. The rotate-once cache is moved D (a multiple of W) tokens on, as if ~10^6 tokens
-    had been streamed: its window slots now hold stream indices + D, so its keys are re-written
-    rotated by those indices. Decoding then rotates queries by positions around 10^6.
+    Both caches take the same 3*(S+W) tokens. The literal cache (tests/test_cache.py's oracle:
+    un-rotated keys, re-rotated by cache positions every step) is left as is: its state does not
+    depend on how far the stream has gone, only on which tokens it holds. The sink cache is moved D
+    (a multiple of W) tokens on, as if ~10^6 tokens had been streamed: its window slots now hold
+    stream indices + D, so their keys are re-written rotated by those indices. Decoding then rotates
+    queries by positions around 10^6, and the sinks by d_t around 10^6, from their copies at s.
     """
     S, W = 4, 12
     model = tiny_model(arch)
     ids = torch.randint(0, VOCAB, (1, 6 * (S + W)), generator=torch.Generator().manual_seed(1))
-    literal, once = SinkCache(S, W, rotate_keys_once=False), SinkCache(S, W)
+    literal, once = NaiveCache(S, W), SinkCache(S, W)
     with torch.no_grad():
         prompt = 3 * (S + W)
-        prefill(model, literal, ids[:, :prompt], chunk_size=7)
+        for t in range(prompt):
+            model(ids[:, t:t + 1], literal)
         prefill(model, once, ids[:, :prompt], chunk_size=7)
-        D = (FAR // W) * W  # a whole number of ring turns: every token stays in its slot
+        D = (far // W) * W  # a whole number of ring turns: every token stays in its slot
         once.n += D
-        once._host_n += D
+        once.seen += D
+        age = once.slot_token[S:] - (prompt - W)                  # (W,) the oracle keeps the window by age
         once.slot_token[S:] += D
-        for layer, rope in enumerate(rotaries(model)):
-            unrotated = literal.k[layer][:, :, S:]                          # (B, nkv, W, hd)
-            once.k[layer][:, :, S:] = rope(unrotated, once.slot_token[S:], torch.tensor(S + W - 1))
-        assert int(once.n) > FAR
+        for layer, k in enumerate(once.k):
+            unrotated = literal.k[layer][:, :, S:][:, :, age]      # (B, nkv, W, hd)
+            k[:, :, S:] = model.rotary(unrotated, once.slot_token[S:], torch.tensor(S + W - 1))
+        assert int(once.n) > far
         for t in range(prompt, ids.shape[1]):
             want = decode_one_token(model, literal, ids[:, t])
             got = decode_one_token(model, once, ids[:, t])

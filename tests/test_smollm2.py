@@ -88,7 +88,7 @@ def test_the_first_token_draws_far_more_attention_than_its_share(model, ids):
     finally:
         for hook in hooks:
             hook.remove()
-    layout = DenseCache(T).begin(T)
+    plan = DenseCache(T).begin(T, model.rotary)
     queries = torch.arange(64, T)
     uniform = (1 / (queries + 1.0)).mean()
     ratios = []
@@ -96,7 +96,8 @@ def test_the_first_token_draws_far_more_attention_than_its_share(model, ids):
         a = layer.self_attn
         q = captured[i, "q_proj"].view(1, T, a.n_head, a.head_dim).transpose(1, 2)      # (1, nh, T, hd)
         k = captured[i, "k_proj"].view(1, T, a.n_kv_head, a.head_dim).transpose(1, 2)   # (1, nkv, T, hd)
-        probs = attention_probs(q, k, layout, a.head_dim ** -0.5, rope=a.rotary)[0]     # (nh, T, T)
+        k = model.rotary.apply(k, *plan.q_rope)                                         # as the cache stores it
+        probs = attention_probs(q, k, plan, a.head_dim ** -0.5)[0]                      # (nh, T, T)
         ratios.append((probs[:, queries, 0].mean() / uniform).item())
     print("first-token attention / uniform, per layer:", " ".join(f"{r:.1f}" for r in ratios))
     assert sum(ratios[2:]) / len(ratios[2:]) >= 10, ratios

@@ -32,13 +32,31 @@ def test_attention_maps_equal_transformers_attention_weights(tiny):
     assert torch.allclose(P, theirs, atol=1e-5)
 
 
-def test_recompute_at_equals_the_full_recompute(tiny):
+def fresh_window_nll(model, ids, C, targets):
+    """The definition, one window at a time: NLL of ids[t] from model(ids[t-C .. t-1]), no cache kept."""
+    with torch.no_grad():
+        return torch.stack([ev.token_nll(model(ids[None, t - C:t])[:, -1], ids[t:t + 1])[0] for t in targets.tolist()])
+
+
+def test_recompute_at_is_a_fresh_forward_over_each_window(tiny):
     model, _ = tiny
     ids = torch.randint(0, 64, (40,), generator=torch.Generator().manual_seed(2))
     targets = torch.tensor([8, 9, 23, 39])
-    full = ev.recompute_nll(model, ids, 8)                              # every token, eval.py's way
-    assert torch.allclose(viz.recompute_nll_at(model, ids, 8, targets, batch_size=3), full[targets], atol=1e-5)
+    want = fresh_window_nll(model, ids, 8, targets)
+    assert torch.allclose(viz.recompute_nll_at(model, ids, 8, targets, batch_size=3), want, atol=1e-5)
+    assert torch.allclose(ev.recompute_nll(model, ids, 8)[targets], want, atol=1e-5)   # eval's, every token
     assert model.lm_head._forward_pre_hooks == {}                       # the last-position hook is gone
+
+
+def test_recompute_at_works_for_gpt_neox():
+    """GPT-NeoX calls its output head `embed_out`, not `lm_head`: the last-position hook finds it."""
+    from test_cache import tiny_model
+    model = tiny_model("gpt_neox")
+    ids = torch.randint(0, 61, (30,), generator=torch.Generator().manual_seed(3))
+    targets = torch.tensor([10, 17, 29])
+    got = viz.recompute_nll_at(model, ids, 10, targets, batch_size=2)
+    assert torch.allclose(got, fresh_window_nll(model, ids, 10, targets), atol=1e-5)
+    assert model.embed_out._forward_pre_hooks == {}
 
 
 def test_policy_nll_is_remembered_and_equals_eval(tiny):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import attend, rope_new_keys
+from ..attention import attend
 from ..cache import DenseCache, SinkCache
 from ..config import from_json, refuse
 from ..rope import RopeScaling, Rotary, rope_from_config
@@ -92,21 +92,19 @@ class FalconAttention(nn.Module):
         bias, qkv_dim = config.bias, (self.n_head + 2 * self.n_kv_head) * self.head_dim
         self.query_key_value = FalconLinear(config.hidden_size, qkv_dim, bias=bias)  # fused q, k, v
         self.dense = FalconLinear(self.n_head * self.head_dim, config.hidden_size, bias=bias)
-        self.rotary = Rotary(self.head_dim, config.rope_theta, config.rope_scaling)
 
-    def forward(self, x, cache: SinkCache, layout):
+    def forward(self, x, cache: SinkCache, plan):
         B, T, _ = x.shape
         g = self.n_head // self.n_kv_head  # query heads per kv head
         # The fused output is laid out per kv head: [q_1 .. q_g, k, v]. One view reads all three
-        # layouts of HF's _split_heads: 7b MQA (one group: [q heads | k | v]), MHA (g=1: [q, k, v] per
+        # plans of HF's _split_heads: 7b MQA (one group: [q heads | k | v]), MHA (g=1: [q, k, v] per
         # head) and 40b/180b grouped. Query head h lands in group h // g, which is where attend looks.
         qkv = self.query_key_value(x).view(B, T, self.n_kv_head, g + 2, self.head_dim)
         q = qkv[:, :, :, :g].reshape(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = qkv[:, :, :, g].transpose(1, 2)                                              # (B, nkv, T, hd)
         v = qkv[:, :, :, g + 1].transpose(1, 2)                                          # (B, nkv, T, hd)
-        k = rope_new_keys(k, layout, self.rotary)  # stream frame: rotated once, here
-        k, v = cache.update(self.layer_idx, k, v)                                        # (B, nkv, L, hd)
-        y = attend(q, k, v, layout, self.head_dim ** -0.5, rope=self.rotary)             # (B, T, nh*hd)
+        k, v = cache.update(self.layer_idx, k, v, plan)                               # (B, nkv, L, hd)
+        y = attend(q, k, v, plan, self.head_dim ** -0.5)                              # (B, T, nh*hd)
         return self.dense(y)
 
 
@@ -137,14 +135,14 @@ class FalconDecoderLayer(nn.Module):
         self.self_attention = FalconAttention(config, layer_idx)
         self.mlp = FalconMLP(config)
 
-    def forward(self, x, cache, layout):
+    def forward(self, x, cache, plan):
         if not self.parallel_attn:  # sequential, as in Llama
-            x = x + self.self_attention(self.input_layernorm(x), cache, layout)
+            x = x + self.self_attention(self.input_layernorm(x), cache, plan)
             return x + self.mlp(self.post_attention_layernorm(x))
         # parallel: attention and MLP both read x (normalised), one residual add for the two
         h_attn = self.ln_attn(x) if self.two_norms else self.input_layernorm(x)
         h_mlp = self.ln_mlp(x) if self.two_norms else h_attn
-        return x + (self.mlp(h_mlp) + self.self_attention(h_attn, cache, layout))  # summed in HF's order
+        return x + (self.mlp(h_mlp) + self.self_attention(h_attn, cache, plan))  # summed in HF's order
 
 
 class FalconModel(nn.Module):
@@ -162,6 +160,7 @@ class FalconForCausalLM(nn.Module):
     def __init__(self, config: FalconConfig):
         super().__init__()
         self.config = config
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling)  # no weights: tables from positions
         self.transformer = FalconModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -171,8 +170,8 @@ class FalconForCausalLM(nn.Module):
         """input_ids: (B, T) -> logits (B, T, vocab). Without a cache: a plain causal forward."""
         if cache is None:
             cache = DenseCache(input_ids.shape[1], device=input_ids.device, dtype=self.lm_head.weight.dtype)
-        layout = cache.begin(input_ids.shape[1])
+        plan = cache.begin(input_ids.shape[1], self.rotary)  # positions, RoPE tables: all layers
         x = self.transformer.word_embeddings(input_ids)                                 # (B, T, C)
         for layer in self.transformer.h:
-            x = layer(x, cache, layout)
+            x = layer(x, cache, plan)
         return self.lm_head(self.transformer.ln_f(x))                                   # (B, T, vocab)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import attend, rope_new_keys
+from ..attention import attend
 from ..cache import DenseCache, SinkCache
 from ..config import from_json, refuse
 from ..rope import RopeScaling, Rotary, rope_from_config
@@ -76,16 +76,14 @@ class GPTNeoXAttention(nn.Module):
         # one projection for q, k and v; its output is laid out head by head: [q0 k0 v0 | q1 k1 v1 | ...]
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=bias)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
-        self.rotary = Rotary(config.rotary_dim, config.rotary_emb_base, config.rope_scaling)  # partial rotary
 
-    def forward(self, x, cache: SinkCache, layout):
+    def forward(self, x, cache: SinkCache, plan):
         B, T, _ = x.shape
         qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_dim).transpose(1, 2)  # (B, nh, T, 3*hd)
         q, k, v = qkv.chunk(3, dim=-1)                                                # (B, nh, T, hd) each
-        k = rope_new_keys(k, layout, self.rotary)  # stream frame: rotated once, here
-        k, v = cache.update(self.layer_idx, k, v)                                     # (B, nh, L, hd)
+        k, v = cache.update(self.layer_idx, k, v, plan)                               # (B, nh, L, hd)
         # 1/sqrt(hd): HF's `norm_factor`; the scale uses the whole head, not just its rotary part
-        y = attend(q, k, v, layout, self.head_dim ** -0.5, rope=self.rotary)          # (B, T, nh*hd)
+        y = attend(q, k, v, plan, self.head_dim ** -0.5)                              # (B, T, nh*hd)
         return self.dense(y)
 
 
@@ -109,8 +107,8 @@ class GPTNeoXLayer(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = GPTNeoXMLP(config)
 
-    def forward(self, x, cache, layout):
-        attn = self.attention(self.input_layernorm(x), cache, layout)
+    def forward(self, x, cache, plan):
+        attn = self.attention(self.input_layernorm(x), cache, plan)
         if self.use_parallel_residual:
             # x + attn(ln1(x)) + mlp(ln2(x)): the MLP reads the block's input, not the attention's output
             return x + attn + self.mlp(self.post_attention_layernorm(x))
@@ -129,12 +127,13 @@ class GPTNeoXModel(nn.Module):
 class GPTNeoXForCausalLM(nn.Module):
     # Checkpoints saved by older transformers (Pythia's on the hub) also hold buffers: the causal mask
     # `attention.bias`, its fill value `attention.masked_bias` and the RoPE table
-    # `attention.rotary_emb.inv_freq`. The cache's Layout and minisink/rope.py compute those instead.
+    # `attention.rotary_emb.inv_freq`. The cache's Plan and minisink/rope.py compute those instead.
     ignore_in_checkpoint = [r"\.attention\.(bias|masked_bias)$", r"\.attention\.rotary_emb\.inv_freq$"]
 
     def __init__(self, config: GPTNeoXConfig):
         super().__init__()
         self.config = config
+        self.rotary = Rotary(config.rotary_dim, config.rotary_emb_base, config.rope_scaling)  # no weights: tables from positions
         self.gpt_neox = GPTNeoXModel(config)
         # `embed_out` in the checkpoint; transformers >= 5 calls it lm_head in memory, but saves embed_out
         self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -145,8 +144,8 @@ class GPTNeoXForCausalLM(nn.Module):
         """input_ids: (B, T) -> logits (B, T, vocab). Without a cache: a plain causal forward."""
         if cache is None:
             cache = DenseCache(input_ids.shape[1], device=input_ids.device, dtype=self.embed_out.weight.dtype)
-        layout = cache.begin(input_ids.shape[1])
+        plan = cache.begin(input_ids.shape[1], self.rotary)  # positions, RoPE tables: all layers
         x = self.gpt_neox.embed_in(input_ids)                                           # (B, T, C)
         for layer in self.gpt_neox.layers:
-            x = layer(x, cache, layout)
+            x = layer(x, cache, plan)
         return self.embed_out(self.gpt_neox.final_layer_norm(x))                        # (B, T, vocab)

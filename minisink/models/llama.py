@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import attend, rope_new_keys
+from ..attention import attend
 from ..cache import DenseCache, SinkCache
 from ..config import from_json, refuse
 from ..rope import RopeScaling, Rotary, rope_from_config
@@ -80,16 +80,14 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=bias)
-        self.rotary = Rotary(self.head_dim, config.rope_theta, config.rope_scaling)
 
-    def forward(self, x, cache: SinkCache, layout):
+    def forward(self, x, cache: SinkCache, plan):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        k = rope_new_keys(k, layout, self.rotary)  # stream frame: rotated once, here
-        k, v = cache.update(self.layer_idx, k, v)                                     # (B, nkv, L, hd)
-        y = attend(q, k, v, layout, self.head_dim ** -0.5, rope=self.rotary)          # (B, T, nh*hd)
+        k, v = cache.update(self.layer_idx, k, v, plan)                               # (B, nkv, L, hd)
+        y = attend(q, k, v, plan, self.head_dim ** -0.5)                              # (B, T, nh*hd)
         return self.o_proj(y)
 
 
@@ -113,8 +111,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x, cache, layout):
-        x = x + self.self_attn(self.input_layernorm(x), cache, layout)
+    def forward(self, x, cache, plan):
+        x = x + self.self_attn(self.input_layernorm(x), cache, plan)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -134,6 +132,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling)  # no weights: tables from positions
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -143,22 +142,22 @@ class LlamaForCausalLM(nn.Module):
         """input_ids: (B, T) -> logits (B, T, vocab). Without a cache: a plain causal forward."""
         if cache is None:
             cache = DenseCache(input_ids.shape[1], device=input_ids.device, dtype=self.lm_head.weight.dtype)
-        layout = cache.begin(input_ids.shape[1])
-        if self.config.sliding_window is not None:
-            layout = sliding_window(layout, self.config.sliding_window)
+        plan = cache.begin(input_ids.shape[1], self.rotary)  # positions, RoPE tables: all layers
+        if self.config.sliding_window is not None and cache.W > self.config.sliding_window:
+            plan = sliding_window(plan, self.config.sliding_window)   # a window narrower than the cache's
         x = self.model.embed_tokens(input_ids)                                          # (B, T, C)
         for layer in self.model.layers:
-            x = layer(x, cache, layout)
+            x = layer(x, cache, plan)
         return self.lm_head(self.model.norm(x))                                         # (B, T, vocab)
 
 
-def sliding_window(layout, size: int):
+def sliding_window(plan, size: int):
     """Mistral's mask on top of the cache's: no key `size` or more positions behind the query.
 
     Sinks are exempt: they are kept on purpose (that is StreamingLLM), and a sink cache's window is
     never wider than `size` (run.py and eval.py see to it), so this only ever cuts into a dense
-    cache, as transformers' Mistral does. Window keys' distances inside the cache are distances in
-    the text (q_pos frame), so the same rule holds for chunks that overflow the cache.
+    cache, as transformers' Mistral does (the model asks only then). Window keys' positions are
+    their stream indices, so the same rule holds for chunks that overflow the cache.
     """
-    near = layout.q_pos[:, None] - layout.k_pos[None, :] < size     # (T, L)
-    return dataclasses.replace(layout, mask=layout.mask & (near | layout.is_sink))
+    keep = (plan.q_pos[:, None] - plan.k_pos[None, :] < size) | plan.is_sink    # (T, L)
+    return dataclasses.replace(plan, mask=keep if plan.mask is None else plan.mask & keep)

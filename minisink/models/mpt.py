@@ -91,7 +91,7 @@ class MptAttention(nn.Module):
         self.Wqkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=bias)
         self.out_proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=bias)
 
-    def forward(self, x, cache: SinkCache, layout):
+    def forward(self, x, cache: SinkCache, plan):
         B, T, _ = x.shape
         qkv = self.Wqkv(x)                                                            # (B, T, (nh+2nkv)*hd)
         if self.clip_qkv is not None:
@@ -101,9 +101,9 @@ class MptAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)                  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)               # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)               # (B, nkv, T, hd)
-        k, v = cache.update(self.layer_idx, k, v)                                     # (B, nkv, L, hd)
+        k, v = cache.update(self.layer_idx, k, v, plan)                               # (B, nkv, L, hd)
         slopes = alibi_slopes(self.n_head, self.alibi_bias_max, device=x.device)      # (nh,)
-        y = attend(q, k, v, layout, self.scale, alibi_slopes=slopes)                  # (B, T, nh*hd)
+        y = attend(q, k, v, plan, self.scale, alibi_slopes=slopes)                    # (B, T, nh*hd)
         return self.out_proj(y)
 
 
@@ -129,8 +129,8 @@ class MptBlock(nn.Module):
         self.norm_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon, bias=bias)
         self.ffn = MptMLP(config)
 
-    def forward(self, x, cache, layout):
-        x = x + self.attn(self.norm_1(x), cache, layout)
+    def forward(self, x, cache, plan):
+        x = x + self.attn(self.norm_1(x), cache, plan)
         return x + self.ffn(self.norm_2(x))
 
 
@@ -155,8 +155,8 @@ class MptForCausalLM(nn.Module):
         """input_ids: (B, T) -> logits (B, T, vocab). Without a cache: a plain causal forward."""
         if cache is None:
             cache = DenseCache(input_ids.shape[1], device=input_ids.device, dtype=self.lm_head.weight.dtype)
-        layout = cache.begin(input_ids.shape[1])
+        plan = cache.begin(input_ids.shape[1])
         x = self.transformer.wte(input_ids)                                             # (B, T, C)
         for block in self.transformer.blocks:
-            x = block(x, cache, layout)
+            x = block(x, cache, plan)
         return self.lm_head(self.transformer.norm_f(x))                                 # (B, T, vocab)

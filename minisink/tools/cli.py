@@ -245,3 +245,22 @@ def default_threads(model) -> int:
     import torch
     n_params = sum(p.numel() for p in model.parameters())
     return 1 if n_params < TINY_MODEL_PARAMS else torch.get_num_threads()
+
+
+def refuse_fp16_on_cpu(dtype, device) -> None:
+    """The one fp16 refusal (run.py, eval): most CPUs emulate fp16 arithmetic, slowly."""
+    import torch
+    if dtype == torch.float16 and torch.device(device).type == "cpu":
+        raise UserError("--dtype fp16 is refused on CPU (most CPUs emulate fp16, slowly): use fp32, or bf16 to halve memory")
+
+
+def resident_bytes() -> tuple[int, bool]:
+    """(bytes, now): the process's resident memory now, from /proc (Linux); where there is no /proc,
+    the peak so far (now False)."""
+    try:
+        with open("/proc/self/statm") as f:  # resident pages now
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"), True
+    except OSError:  # macOS and others: only the peak is known
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak * (1 if sys.platform == "darwin" else 1024), False

@@ -57,7 +57,8 @@ import torch.nn.functional as F
 from . import cli
 from ..cache import SinkCache
 from .cli import UserError
-from ..generate import POLICIES, make_cache
+from . import sizing
+from ..generate import POLICIES, make_cache, prefill
 
 RECOMPUTE_BUDGET = 2 ** 26  # elements of the largest tensor (logits or scores) in one recompute batch
 
@@ -77,12 +78,14 @@ def streaming_nll(model, ids: torch.Tensor, cache: SinkCache, chunk_size: int = 
     """
     N = ids.shape[0]
     nll = torch.full((N,), float("nan"), device=ids.device)
-    for start in range(0, N - 1, chunk_size):
-        end = min(start + chunk_size, N - 1)
-        logits = model(ids[None, start:end], cache)[0]                     # (T, vocab)
-        nll[start + 1:end + 1] = token_nll(logits, ids[start + 1:end + 1])
+
+    def score(start: int, logits: torch.Tensor) -> None:                 # logits (1, T, vocab)
+        end = start + logits.shape[1]
+        nll[start + 1:end + 1] = token_nll(logits[0], ids[start + 1:end + 1])
         if progress is not None:
             progress.update(end - start)
+    if N > 1:
+        prefill(model, cache, ids[None, :N - 1], chunk_size, each=score)
     return nll
 
 
@@ -103,16 +106,37 @@ def recompute_nll(model, ids: torch.Tensor, cache_size: int, batch_size: int | N
         progress.update(prefix)
     if N - 1 <= C:
         return nll
-    windows = ids.unfold(0, C, 1)             # (N-C+1, C): windows[a] = ids[a .. a+C-1], ending at t = a+C-1
     if batch_size is None:
         batch_size = max(1, RECOMPUTE_BUDGET // (C * max(_vocab_size(model), _n_heads(model) * C)))
-    for a in range(1, N - C, batch_size):     # windows ending at t = C .. N-2, predicting t+1
-        b = min(a + batch_size, N - C)
-        logits = model(windows[a:b])[:, -1]   # (b-a, vocab): each window seen from its last token
-        nll[a + C:b + C] = token_nll(logits, ids[a + C:b + C])
-        if progress is not None:
-            progress.update(b - a)
+    targets = torch.arange(C + 1, N, device=ids.device)   # predicted by the windows ending at C .. N-2
+    nll[C + 1:] = window_nll(model, ids, C, targets, batch_size, progress)
     return nll
+
+
+def output_head(model) -> torch.nn.Module:
+    """The module that turns hidden states into logits: `lm_head`, or GPT-NeoX's `embed_out`."""
+    return model.lm_head if hasattr(model, "lm_head") else model.embed_out
+
+
+@torch.inference_mode()
+def window_nll(model, ids: torch.Tensor, cache_size: int, targets: torch.Tensor, batch_size: int = 8,
+               progress=None) -> torch.Tensor:
+    """NLL (len(targets),) of ids[t] for each t in targets (t >= C), predicted the paper's "sliding
+    window with re-computation" way: the last logit of a fresh forward over ids[t-C .. t-1] at
+    positions 0 .. C-1. Windows are stacked into batches; the output head sees the last position only."""
+    C = cache_size
+    assert int(targets.min()) >= C, "window_nll scores tokens whose window is full (t >= C)"
+    last_only = output_head(model).register_forward_pre_hook(lambda module, args: (args[0][:, -1:],))
+    try:
+        nll = []
+        for part in targets.split(batch_size):
+            windows = torch.stack([ids[t - C:t] for t in part.tolist()])          # (b, C)
+            nll.append(token_nll(model(windows)[:, -1], ids[part]))                # (b,)
+            if progress is not None:
+                progress.update(len(part))
+    finally:
+        last_only.remove()
+    return torch.cat(nll)
 
 
 def policy_nll(model, ids: torch.Tensor, policy: str, sink_size: int, window_size: int,
@@ -148,8 +172,8 @@ def _n_heads(model) -> int:
 
 
 def trained_context(model) -> int | None:
-    """The context length the model was trained with, when its config says."""
-    return _config_value(model, "max_position_embeddings", "max_seq_len", "n_positions")
+    """The context length the model was trained with, when its config says (as `sizing` reads it)."""
+    return sizing.trained_context(vars(model.config)) if hasattr(model, "config") else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,8 +248,7 @@ def parse_args(argv):
     from ..weights.load import DTYPES
     if args.dtype not in DTYPES:
         p.error(f"--dtype {args.dtype!r}: choose one of {', '.join(DTYPES)}")
-    if DTYPES[args.dtype] == torch.float16 and torch.device(args.device).type == "cpu":
-        raise UserError("--dtype fp16 is refused on CPU (most CPUs emulate fp16, slowly): use fp32, or bf16 to halve memory")
+    cli.refuse_fp16_on_cpu(DTYPES[args.dtype], args.device)
     return args
 
 

@@ -56,7 +56,8 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from . import cli
-from ..generate import POLICIES, decode_one_token, make_cache
+from ..generate import POLICIES, decode_one_token, first_token, make_cache, prefill
+from .eval import token_nll
 from ..weights.load import DTYPES, load_model, read_config
 
 FORMAT = "minisink-golden-1"
@@ -216,8 +217,9 @@ def minisink_stream(model, policy: str, sink_size: int, window_size: int, prefil
         ids = ids.to(weight.device)
         if len(ids) == 1:
             return decode_one_token(model, cache, ids).float()                       # (1, vocab)
-        chunk = prefill_chunk or len(ids)
-        return torch.cat([model(ids[None, s:s + chunk], cache)[0] for s in range(0, len(ids), chunk)]).float()
+        rows = []
+        prefill(model, cache, ids[None], prefill_chunk or len(ids), each=lambda start, logits: rows.append(logits[0]))
+        return torch.cat(rows).float()
     return feed
 
 
@@ -237,11 +239,6 @@ def minisink_logits(model, prefill_chunk: int | None = None):
 
 # ---------------------------------------------------------------------------------------------
 # Making a case
-
-
-def nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits (T, V), targets (T,) -> (T,) fp32 negative log-likelihoods."""
-    return -torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None].to(logits.device))[:, 0].cpu()
 
 
 def _store_rows(out: dict, part: str, rows: torch.Tensor, logits_mode: dict) -> None:
@@ -272,7 +269,7 @@ def record(case: Case, model) -> dict[str, torch.Tensor]:
     _store_rows(out, "decode", torch.stack(decode), case.logits)
     if case.continuation:
         cont = minisink_logits(model)(case.stream("continuation"), case)
-        out["continuation_nll"] = nll(cont[P - 1:], torch.tensor(case.continuation))
+        out["continuation_nll"] = token_nll(cont[P - 1:], torch.tensor(case.continuation, device=cont.device)).cpu()
     return out
 
 
@@ -509,7 +506,7 @@ def check_logits(case: Case, logits: dict[str, torch.Tensor], who: str = "theirs
                 parts.append(part)
         else:
             part = PartReport("continuation", P - 1, len(case.continuation), tol["nll_atol"])
-            _fill_diff(part, (nll(got[P - 1:], torch.tensor(case.continuation)) - golden["continuation_nll"]).abs())
+            _fill_diff(part, (token_nll(got[P - 1:], torch.tensor(case.continuation, device=got.device)).cpu() - golden["continuation_nll"]).abs())
             parts.append(part)
     return Report(case, parts, who)
 
@@ -555,7 +552,8 @@ def _ids_from(args, config) -> tuple[list[int], list[int]]:
     if args.text:
         from ..text.tokenizer import load_tokenizer
         tok = load_tokenizer(args.model)
-        ids = tok.encode(cli.read_text(args.text)[: 20 * need], bos=tok.bos_id is not None)
+        first = first_token(tok, config)   # what every stream of this model starts with, as run.py's
+        ids = ([first] if first is not None else []) + tok.encode(cli.read_text(args.text)[: 20 * need], bos=False)
         if len(ids) < need:
             raise GoldenError(f"{args.text}: {len(ids)} tokens, need {need}")
     else:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from . import cli
-from ..cache import DenseCache
+from ..generate import Stream
 from ..models.llama import LlamaConfig, LlamaForCausalLM
 
 SINK_PIECE = "<sink>"
@@ -245,16 +245,11 @@ def evaluate(model, data: torch.Tensor, r: Recipe, first_id: int | None, starts:
     return loss
 
 
-@torch.no_grad()
 def greedy(model, prompt_ids: list[int], n_new: int) -> list[int]:
-    """Greedy continuation of `prompt_ids`, decoding with a cache that keeps everything."""
-    cache = DenseCache(len(prompt_ids) + n_new)
-    logits = model(torch.tensor([prompt_ids]), cache)
-    out = []
-    for _ in range(n_new):
-        out.append(logits[0, -1].argmax().item())
-        logits = model(torch.tensor([[out[-1]]]), cache)
-    return out
+    """Greedy continuation of `prompt_ids` (`Stream.generate` at temperature 0), through a cache
+    that keeps everything."""
+    stream = Stream(model, "dense", 0, len(prompt_ids) + n_new, prefill_chunk=len(prompt_ids))
+    return [int(t) for t in stream.generate(torch.tensor([prompt_ids]), max_new_tokens=n_new)]
 
 
 def save(model, config: dict, tokenizer: bytes, folder: Path, dtype: torch.dtype) -> None:

@@ -1,8 +1,8 @@
 """What the tutorials share: attention maps from the model's own code, sink mass, reference curves.
 
 Tutorials import this module instead of copying code between them. Nothing here changes how a model
-runs: attention maps come from `minisink.attention.attention_probs`, the first half of `attend`,
-called with the very arguments the model passed; perplexities come from `minisink.tools.eval`.
+runs: attention maps come from `minisink.attention.attention_probs`, `attend` written out,
+called with the queries and the keys the cache stored in the forward pass; perplexities come from `minisink.tools.eval`.
 
 - `attention_maps(model, ids)`: (layers, B, heads, T, T) probabilities of a causal forward.
 - `mass_on_first(P, k, skip)` and `uniform_mass(T, k, skip)`: how much attention late queries put on
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import eval as ev
-from ..attention import attention_probs, rope_new_keys
+from ..attention import attention_probs
 from ..cache import DenseCache, SinkCache
 
 # the offline assets beside the checkout (../shared/assets), as the tests and tutorials find them
@@ -39,10 +39,10 @@ def attention_maps(model, ids: torch.Tensor) -> torch.Tensor:
 
     For Llama-architecture models (model.model.layers[i].self_attn with q_proj, k_proj, rotary). A
     forward pre-hook records what each attention module is called with (the normalised hidden states,
-    the cache and its Layout); the module's own projections and `attention_probs` then give the
-    probabilities, rotated and masked exactly as in the forward pass.
+    the cache and its Plan); the module's own query projection, the keys the cache stored and
+    `attention_probs` then give the probabilities, rotated and masked exactly as in the forward pass.
     """
-    seen = {}   # layer index -> (x, cache, layout)
+    seen = {}   # layer index -> (x, cache, plan)
     record = lambda module, args: seen.__setitem__(module.layer_idx, args)
     hooks = [layer.self_attn.register_forward_pre_hook(record) for layer in model.model.layers]
     try:
@@ -53,12 +53,11 @@ def attention_maps(model, ids: torch.Tensor) -> torch.Tensor:
     maps = []
     for layer in model.model.layers:
         attn = layer.self_attn
-        x, cache, layout = seen[attn.layer_idx]
+        x, cache, plan = seen[attn.layer_idx]
         B, T, _ = x.shape
         q = attn.q_proj(x).view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)      # (B, nh, T, hd)
-        k = attn.k_proj(x).view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)   # (B, nkv, T, hd)
-        k = rope_new_keys(k, layout, attn.rotary)  # as the cache stores them (rotated once)
-        maps.append(attention_probs(q, k, layout, attn.head_dim ** -0.5, attn.rotary))
+        k = cache.k[attn.layer_idx][:, :, :T]      # (B, nkv, T, hd) as the cache stored them: rotated
+        maps.append(attention_probs(q, k, plan, attn.head_dim ** -0.5))
         seen.pop(attn.layer_idx)                    # free each layer's activations once used
     return torch.stack(maps)
 
@@ -91,31 +90,14 @@ def policy_nll(model, ids: torch.Tensor, policy: str, sink_size: int, window_siz
     return _memo[key]
 
 
-@torch.inference_mode()
 def recompute_nll_at(model, ids: torch.Tensor, cache_size: int, targets: torch.Tensor,
                      batch_size: int = 8) -> torch.Tensor:
-    """NLL (len(targets),) of ids[t] for each t in targets, predicted the paper's "sliding window with
-    re-computation" way: a fresh forward over the C tokens before it, ids[t-C .. t-1], at positions
-    0 .. C-1 (the last logit of `minisink.tools.eval.recompute_nll`'s window). Needs t >= C.
-
-    Recompute costs C token-forwards per scored token, so a tutorial scores a sample of the tokens.
-    Only the last position's logits are needed: a pre-hook on lm_head hands it the last position only.
-    """
+    """`minisink.tools.eval.window_nll` (len(targets),), remembered: NLL of ids[t] for each t in
+    targets from a fresh forward over the C tokens before it. Needs t >= C. Recompute costs C
+    token-forwards per scored token, so a tutorial scores a sample of the tokens."""
     key = _key(model, ids, "recompute_at", cache_size, tuple(targets.tolist()))
-    if key in _memo:
-        return _memo[key]
-    C = cache_size
-    assert int(targets.min()) >= C, "recompute_nll_at scores tokens whose window is full (t >= C)"
-    last_only = model.lm_head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:],))
-    try:
-        nll = []
-        for part in targets.split(batch_size):
-            windows = torch.stack([ids[t - C:t] for t in part.tolist()])         # (b, C)
-            logits = model(windows)[:, -1]                                        # (b, vocab)
-            nll.append(ev.token_nll(logits, ids[part]))
-    finally:
-        last_only.remove()
-    _memo[key] = torch.cat(nll)
+    if key not in _memo:
+        _memo[key] = ev.window_nll(model, ids, cache_size, targets, batch_size)
     return _memo[key]
 
 
@@ -179,9 +161,9 @@ def cache_rows(cache: SinkCache, T: int) -> torch.Tensor:
     """(T, T) bool: row t holds the tokens token t attends to when streamed one at a time."""
     rows = torch.zeros(T, T, dtype=torch.bool)
     for t in range(T):
-        layout = cache.begin(1)
-        in_use = cache.slot_token[:layout.mask.shape[1]]  # a filling cache plans only the slots in use
-        keys = in_use[layout.mask[0]]                   # the tokens in the slots the query may see
+        plan = cache.begin(1)
+        in_use = cache.slot_token[:plan.k_pos.shape[0]]  # a filling cache plans only the slots in use
+        keys = in_use if plan.mask is None else in_use[plan.mask[0]]   # the tokens the query may see
         rows[t, keys] = True
     return rows
 

@@ -37,7 +37,6 @@ Random weights, fp32, batch 1: a step costs what it costs with trained weights.
 """
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -45,10 +44,10 @@ from statistics import median
 
 import torch
 
-from ...cache import Layout
+from ...cache import Plan
+from ..cli import resident_bytes
 from ...generate import Stream, decode_one_token
-from .gpu import kv_bytes
-from .models import CONFIGS, machine, random_model, scaled, weight_bytes
+from .models import CONFIGS, bandwidth, kv_bytes, machine, random_model, scaled, weight_bytes
 
 SINKS = 4
 
@@ -56,9 +55,10 @@ SINKS = 4
 class StaticCache:
     """The plain static-cache decode the sink cache is measured against: no streaming at all.
 
-    Token t goes to slot t, its key rotated once by t (as SinkCache's stream frame does); a query
-    attends to every slot, those not written yet masked. The model code is minisink's, unchanged:
-    only what the cache adds (sinks, ring, eviction, a second query rotation) differs.
+    Token t goes to slot t, its key rotated once by t (as SinkCache does); a query attends to every
+    slot, those not written yet masked, as HF's StaticCache and gpt-fast do. The model code is
+    minisink's, unchanged: only what the sink cache adds (sinks that follow the window, the ring,
+    eviction) differs.
     """
 
     def __init__(self, capacity: int):
@@ -67,31 +67,24 @@ class StaticCache:
         self.slots = torch.arange(capacity)
         self.no_sinks = torch.zeros(capacity, dtype=torch.bool)
 
-    def begin(self, T: int) -> Layout:
-        self.tok = self.n + torch.arange(T)                                    # (T,)
-        mask = self.slots[None, :] <= self.tok[:, None]                        # (T, C) causal
+    def begin(self, T: int, rope=None) -> Plan:
+        tok = self.n + torch.arange(T)                                         # (T,)
+        mask = self.slots[None, :] <= tok[:, None]                             # (T, C) causal
         self.n += T
-        return Layout(self.slots, self.tok, None, self.no_sinks, mask, max_pos=self.tok[-1], keys_rotated=True)
+        plan = Plan(tok, self.slots, self.no_sinks, mask, slots=tok)
+        if rope is not None:
+            plan.rope, plan.q_rope = rope, rope.tables(tok, tok[-1], torch.float32)
+        return plan
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: Plan):
         if layer == len(self.k):
             B, H, _, D = k.shape
             self.k.append(k.new_zeros(B, H, self.capacity, D)), self.v.append(v.new_zeros(B, H, self.capacity, D))
-        self.k[layer].index_copy_(2, self.tok, k)
-        self.v[layer].index_copy_(2, self.tok, v)
+        if plan.rope is not None:
+            k = plan.rope.apply(k, *plan.q_rope)
+        self.k[layer].index_copy_(2, plan.slots, k)
+        self.v[layer].index_copy_(2, plan.slots, v)
         return self.k[layer], self.v[layer]
-
-
-def bandwidth(threads: int, mb: int = 512, repeats: int = 5) -> float:
-    """Bytes per second of a large tensor copy (read + write), median of `repeats`."""
-    src = torch.ones(mb * 2**20 // 4)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - start)
-    return 2 * src.numel() * 4 / median(times[1:])
 
 
 def matvec_stepper(model):
@@ -235,12 +228,8 @@ def busy(model, C, ids, args) -> None:
 
 
 def rss_mb() -> float:
-    """Resident memory now (not the peak), from /proc; the peak where there is no /proc."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Resident memory now (not the peak) in MiB; the peak where there is no /proc."""
+    return resident_bytes()[0] / 2**20
 
 
 def positions(model, ids_for, args) -> None:

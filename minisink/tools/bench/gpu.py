@@ -11,7 +11,6 @@ token streaming would leave it), then each mode streams tokens past the full cac
   sink compiled    Stream(..., compile=True)    the step under torch.compile(mode="reduce-overhead",
                                                 fullgraph=True): one CUDA graph per token on a GPU
   recompute        Stream(policy="recompute")   a fresh forward over the last 2048 tokens per token
-  recompute sdpa   the same, attention through PyTorch's fused SDPA (minisink.attention.use_sdpa)
 
 Per token it prints ms, tok/s and GB/s: the weights (each parameter read once per token, as
 gpt-fast counts) and weights + the KV cache read by the step, and that as a fraction of the
@@ -32,10 +31,9 @@ from statistics import median
 
 import torch
 
-from ...attention import use_sdpa
 from ...generate import Stream
 from ...weights.load import DTYPES
-from .models import CONFIGS, machine, random_model, scaled, seconds_per_call, sync, weight_bytes
+from .models import CONFIGS, bandwidth, kv_bytes, machine, random_model, scaled, seconds_per_call, sync, weight_bytes
 
 MODELS = ["pythia-6.9b", "llama-2-7b", "falcon-7b", "mpt-7b"]
 
@@ -60,16 +58,10 @@ def peak_bandwidth(device) -> float | None:
     return next((tbps * 1e12 for need, tbps in PEAK_TBPS if need <= words), None)
 
 
-def kv_bytes(stream) -> int:
-    """Bytes of K and V a decode step reads: every layer's whole buffer (B, kv_heads, S+W, hd)."""
-    return sum(t.numel() * t.element_size() for t in [*stream.cache.k, *stream.cache.v])
-
-
 def copy_bandwidth(device, gib: float = 4.0, repeats: int = 10) -> float:
     """Bytes per second of a large device-to-device copy, bytes read + bytes written, median of
     `repeats` (random data, not zeros). What the memory really delivers, next to the datasheet."""
     if torch.device(device).type != "cuda":
-        from .decode import bandwidth
         return bandwidth(torch.get_num_threads())
     src = torch.empty(int(gib * 2**30) // 2, dtype=torch.float16, device=device).normal_()
     dst = torch.empty_like(src)
@@ -274,10 +266,7 @@ def run_model(name, d, args, device, dtype, peak, copy_bw) -> list[dict]:
         step = lambda: recompute.feed(ids[:, next(positions)][:, None])
         n = args.recompute_tokens
         t_re = report("recompute", [seconds_per_call(step, n, device, warmup=1)], n)
-        with use_sdpa():
-            t_sdpa = report("recompute sdpa", [seconds_per_call(step, n, device, warmup=1)], n)
-        print(f"  speedup of {best[0]} over recompute: {t_re / best[1]:.1f}x (over recompute sdpa: "
-              f"{t_sdpa / best[1]:.1f}x)")
+        print(f"  speedup of {best[0]} over recompute: {t_re / best[1]:.1f}x")
         del recompute
     del model
     if device.type == "cuda":

@@ -94,6 +94,23 @@ def weight_bytes(model) -> int:
     return step_read_bytes(model)
 
 
+def kv_bytes(stream) -> int:
+    """Bytes of K and V a decode step reads: every layer's whole buffer (B, kv_heads, S+W, hd)."""
+    return sum(t.numel() * t.element_size() for t in [*stream.cache.k, *stream.cache.v])
+
+
+def bandwidth(threads: int, mb: int = 512, repeats: int = 5) -> float:
+    """Bytes per second of a large tensor copy (read + write), median of `repeats`."""
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / median(times[1:])
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
