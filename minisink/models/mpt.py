@@ -86,6 +86,7 @@ class MptAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_heads, config.kv_n_heads, config.head_dim
         self.clip_qkv, self.scale, self.alibi_bias_max = config.clip_qkv, config.softmax_scale, config.alibi_bias_max
+        self.n_model_heads, self.alibi_heads = config.n_heads, slice(None)  # tensor parallel: a slice of the heads
         bias = not config.no_bias
         # one fused projection; its output is three blocks [ Q (nh*hd) | K (nkv*hd) | V (nkv*hd) ]
         self.Wqkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=bias)
@@ -102,7 +103,7 @@ class MptAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)               # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)               # (B, nkv, T, hd)
         k, v = cache.update(self.layer_idx, k, v, plan)                               # (B, nkv, L, hd)
-        slopes = alibi_slopes(self.n_head, self.alibi_bias_max, device=x.device)      # (nh,)
+        slopes = alibi_slopes(self.n_model_heads, self.alibi_bias_max, device=x.device)[self.alibi_heads]  # (nh,)
         y = attend(q, k, v, plan, self.scale, alibi_slopes=slopes)                    # (B, T, nh*hd)
         return self.out_proj(y)
 

@@ -126,11 +126,15 @@ def on_meta(cls, config):
         return cls(config)
 
 
-def load_model(folder, dtype: torch.dtype = torch.float32, device="cpu"):
-    """The model in `folder`, in `dtype` on `device`, in eval mode."""
+def load_model(folder, dtype: torch.dtype = torch.float32, device="cpu", shard=None):
+    """The model in `folder`, in `dtype` on `device`, in eval mode.
+
+    `shard(model) -> {name: Reader}` (minisink/tools/tp.py) cuts the meta model down to one rank's
+    part; each Reader then reads only that rank's slice of its tensor from the file."""
     folder = Path(folder)
     cls, config = build_config(read_config(folder), where=str(folder / "config.json"))
     model = on_meta(cls, config)
+    readers = shard(model) if shard is not None else {}
     expected, aliases, ignore = checkpoint_names(model)
 
     files = checkpoint_files(folder)
@@ -144,7 +148,13 @@ def load_model(folder, dtype: torch.dtype = torch.float32, device="cpu"):
                             continue  # a tied alias stored anyway, or a buffer we recompute
                         raise LoadError(f"{path}: unexpected tensor {name} (not a parameter of "
                                         f"{cls.__name__} with this config.json)")
-                    tensor = f.get_tensor(name)
+                    if name in readers:  # a rank's slice: the full shape is checked before reading
+                        sl, full = f.get_slice(name), readers[name].shape
+                        if tuple(sl.get_shape()) != full:
+                            raise LoadError(f"{path}: expected tensor {name} of shape {full}, found {tuple(sl.get_shape())}")
+                        tensor = readers[name].read(sl)
+                    else:
+                        tensor = f.get_tensor(name)
                     if not tensor.is_floating_point():  # .to(dtype) below would turn ints into weights silently
                         raise LoadError(f"{path}: tensor {name} is {str(tensor.dtype).removeprefix('torch.')}; "
                                         "minisink loads floating-point weights (fp32, fp16, bf16)")
