@@ -92,8 +92,9 @@ def free_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_fits(model_cls, config, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Refuse, before any weight is loaded, a model + cache larger than the memory left on `device`."""
+def check_fits(model_cls, config, capacity: int, dtype: torch.dtype, device: torch.device, share: float = 1.0) -> None:
+    """Refuse, before any weight is loaded, a model + cache larger than the memory left on `device`.
+    `share`: the part of both that `device` holds (tensor parallel: minisink/tools/tp.py memory_share)."""
     free = free_memory(torch.device(device))
     if free is None:
         return
@@ -106,10 +107,12 @@ def check_fits(model_cls, config, capacity: int, dtype: torch.dtype, device: tor
     width = max(m.embedding_dim for m in model.modules() if isinstance(m, torch.nn.Embedding))
     layers = max(len(m) for m in model.modules() if isinstance(m, torch.nn.ModuleList))
     cache = 2 * capacity * width * layers * dtype.itemsize
+    weights, cache = weights * share, cache * share
     if weights + cache > free:
-        cache = cache_bytes(model_cls, config, capacity, dtype)
+        cache = cache_bytes(model_cls, config, capacity, dtype) * share
     if weights + cache > free:
         gb = lambda n: f"{n / 1e9:,.2f} GB"
         raise CacheSizeError(f"a cache of {capacity:,} slots needs {gb(cache)} and the weights {gb(weights)} in "
-                             f"{str(dtype).removeprefix('torch.')}, but only {gb(free)} of {device.type} memory is "
-                             f"free: pass a smaller --window-size (or a smaller --dtype)")
+                             f"{str(dtype).removeprefix('torch.')}" + (f" (this rank's part: {share:.2g} of the model's)" if share < 1 else "") +
+                             f", but only {gb(free)} of {device.type} memory is free: pass a smaller --window-size "
+                             "(or a smaller --dtype" + (", or more ranks)" if share < 1 else ")"))
