@@ -90,3 +90,23 @@ def test_resident_memory_per_rank_is_about_1_over_n(tmp_path):
     # a rank that kept the file mapped, or read a whole tensor, would be near 1
     assert two["rss"] / one["rss"] < 0.7, (one, two)
     assert two["peak"] / one["rss"] < 0.75, (one, two)   # no moment holds the whole checkpoint
+
+
+def test_gpus_needed_for_the_papers_largest_models():
+    """From the real config.json files: Llama-2-70B in bf16 needs two 80 GB GPUs (138 GB of weights),
+    Falcon-180B eight (357 GB; 3, 5, 6 and 7 ranks do not split its 232 heads and 8 kv heads)."""
+    import torch
+    from conftest import ASSETS, need_assets
+    from minisink.tools.sizing import gpus_needed, rank_bytes
+    from minisink.weights.load import build_config, read_config
+    need_assets(ASSETS / "configs")
+    # (GPUs, splits, layers x kv heads): the cache of 4096 slots, K and V of 128-wide heads, in bf16
+    want = {"llama-2-70b-hf": (2, [1, 2, 4, 8, 16, 32, 64], 80 * 8), "falcon-180b-chat": (8, [1, 2, 4, 8, 232], 80 * 8)}
+    for name, (n, splits, heads) in want.items():
+        cls, config = build_config(read_config(ASSETS / "configs" / name))
+        cache = 2 * heads * 4096 * 128 * 2   # what sizing.cache_bytes measures (1.34 GB): a meta pass, seconds
+        assert gpus_needed(cls, config, cache, torch.bfloat16, 80e9) == (n, splits), name
+        whole, _ = rank_bytes(cls, config, cache, torch.bfloat16, 1)
+        part, part_cache = rank_bytes(cls, config, cache, torch.bfloat16, n)
+        assert whole / n < part < whole / n * 1.05, name   # 1/N of the layers, plus what is replicated
+        assert part_cache == cache // n
