@@ -30,7 +30,7 @@ if __name__ == "__main__":  # before torch: Ctrl-C in the seconds it takes to im
 
 import torch
 
-from minisink.tools import cli
+from minisink.tools import cli, tp
 from minisink.text.chat import ChatTemplateError, TemplateTurns, encode_rendered, read_chat_template
 from minisink.tools.cli import UserError
 from minisink.generate import POLICIES, Stream, end_ids, first_token
@@ -525,6 +525,7 @@ def inspect(folder: Path):
         chat_template = read_chat_template(folder)
     except ChatTemplateError as e:
         raise UserError(one_line(e)) from None
+    tp.check_launch(parsed, Path(folder).name)  # under torchrun: N ranks must split the heads
     return config, cls, parsed, tokenizer, chat_template
 
 
@@ -543,13 +544,14 @@ def load(args, download=None):
     else:
         folder = resolve(args.model, args.revision, download=download, check=lambda f: small.append(inspect(f)))
     config, cls, parsed, tokenizer, chat_template = small[0] if small else inspect(folder)  # [] for a local folder
+    shard, device = tp.start(parsed, device, folder.name)  # (None, device) unless torchrun started us
     try:
         window, notes = choose_window(config, args.sink_size, args.window_size, getattr(parsed, "sliding_window", None))
         if args.policy != "dense":  # dense grows without bound anyway: nothing to promise up front
-            check_fits(cls, parsed, args.sink_size + window, dtype, device)
+            check_fits(cls, parsed, args.sink_size + window, dtype, device, tp.memory_share(tp.launched(), device))
     except CacheSizeError as e:
         raise UserError(str(e)) from None
-    model = load_model(folder, dtype=dtype, device=device)
+    model = load_model(folder, dtype=dtype, device=device, shard=shard)
     return model, tokenizer, config, folder, (window, notes), chat_template
 
 
@@ -558,8 +560,9 @@ def make_demo(args, download=None) -> tuple[Demo, list[int], list[int]]:
     model, tokenizer, config, folder, (window, notes), chat_template = load(args, download)
     torch.set_num_threads(args.threads or cli.default_threads(model))
     stream = Stream(model, policy=args.policy, sink_size=args.sink_size, window_size=window, compile=args.compile)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)  # one generator for the whole run, chat turns included
+    seed = tp.shared_seed(args.seed, stream.device) if tp.launched() else args.seed  # every rank draws the same token
+    if seed is not None:
+        torch.manual_seed(seed)  # one generator for the whole run, chat turns included
     first_ids, prompt_ids = start_ids(tokenizer, config, args.prompt)
     if args.template == "auto" and chat_template is not None:
         template = TemplateTurns(chat_template)
@@ -598,8 +601,11 @@ def main(argv=None, download=None) -> int:
         if args.list_models:
             print(model_table(default=str(DEFAULT_MODEL.relative_to(HERE))))
             return 0
-        return run(args, download)
-    return cli.main("run.py", command, argv, errors=(ChatTemplateError,))
+        try:
+            return run(args, download)
+        finally:
+            tp.leave()  # under torchrun, at the end, on Ctrl-C and on an error alike
+    return cli.main("run.py", command, argv, errors=(ChatTemplateError, tp.TPError))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     train    train a tiny model, with or without a learnable sink token (minisink/tools/train.py)
     gguf     convert a llama.cpp GGUF into a model folder               (minisink/weights/gguf.py)
     bench    benchmarks: decode, gpu, tokenizer, eval, startup          (minisink/tools/bench/)
+    size     how many GPUs a model needs under tensor parallel           (minisink/tools/sizing.py)
 
 `python -m minisink COMMAND -h` lists a command's options.
 """
@@ -12,7 +13,8 @@ import importlib
 import sys
 
 COMMANDS = {"eval": "minisink.tools.eval", "golden": "minisink.tools.golden", "train": "minisink.tools.train",
-            "gguf": "minisink.weights.gguf", "bench": "minisink.tools.bench"}
+            "gguf": "minisink.weights.gguf", "bench": "minisink.tools.bench",
+            "size": "minisink.tools.sizing"}
 
 
 def main(argv=None) -> int:

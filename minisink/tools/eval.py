@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import cli
+from . import cli, tp
 from ..cache import SinkCache
 from .cli import UserError
 from . import sizing
@@ -252,7 +252,7 @@ def parse_args(argv):
     return args
 
 
-def choose_cache(args, device) -> tuple[int, list[str]]:
+def choose_cache(args, device, share: float = 1.0) -> tuple[int, list[str]]:
     """(W, notes to print): --window-size, or the same default as run.py's (minisink/tools/sizing.py)."""
     from ..weights.load import DTYPES, build_config, read_config
     from .sizing import CacheSizeError, check_fits, choose_window
@@ -260,7 +260,7 @@ def choose_cache(args, device) -> tuple[int, list[str]]:
     cls, parsed = build_config(config)
     try:
         W, notes = choose_window(config, args.sink_size, args.window_size, getattr(parsed, "sliding_window", None))
-        check_fits(cls, parsed, args.sink_size + W, DTYPES[args.dtype], torch.device(device))
+        check_fits(cls, parsed, args.sink_size + W, DTYPES[args.dtype], torch.device(device), share)
     except CacheSizeError as e:
         raise UserError(str(e)) from None
     cache_size = args.sink_size + W
@@ -376,18 +376,19 @@ def print_sweep(rows: list[dict]):
 
 def run(args) -> int:
     from ..weights.hub import resolve
-    from ..weights.load import DTYPES, load_model
+    from ..weights.load import DTYPES, build_config, load_model, read_config
     args.model = resolve(args.model)  # a folder, a .gguf file, or a short name / repo id downloaded as run.py does
-    S, (W, notes) = args.sink_size, choose_cache(args, args.device)
+    # under torchrun: this rank's part of the model (minisink/tools/tp.py); (None, device) otherwise
+    shard, device = tp.start(build_config(read_config(args.model))[1], torch.device(args.device), Path(args.model).name)
+    args.device = str(device)
+    S, (W, notes) = args.sink_size, choose_cache(args, args.device, tp.memory_share(tp.launched(), device))
     C = S + W
     ids_list = read_stream(args)
     for note in notes:  # after the input is known to be readable: an error stays one line
         print(f"minisink.tools.eval: {note}", file=sys.stderr)
-    model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, shard=shard)
     ids = torch.tensor(ids_list, dtype=torch.long, device=args.device)
     N = ids.shape[0]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     print(f"{N} tokens, cache {S}+{W}, chunks of {args.chunk_size}", file=sys.stderr)
 
     memo: dict[tuple, torch.Tensor] = {}   # (kind, S, W) -> nll: window is sink with S=0, so share runs
@@ -408,7 +409,11 @@ def run(args) -> int:
     sweep = {}
     for s in args.sweep_sinks or []:
         sweep[f"sink {s}+{C - s}"] = (s, C - s, nll_for("sink", s, C - s, f"sink {s}+{C - s}"))
+    if not tp.speaks():   # tensor parallel: every rank computed the same numbers; rank 0 writes them
+        return 0
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     rows = summary_rows(results, C)
     write_csv(out / "streaming_ppl_summary.csv", rows)
     columns = {f"nll_{p}": nll.tolist() for p, (_, _, nll) in results.items()}
@@ -431,5 +436,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    return cli.main("python -m minisink eval", lambda argv: run(parse_args(argv)), argv)
+    def command(argv) -> int:
+        try:
+            return run(parse_args(argv))
+        finally:
+            tp.leave()  # under torchrun
+    return cli.main("python -m minisink eval", command, argv, errors=(tp.TPError,))
 

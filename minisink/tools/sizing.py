@@ -92,8 +92,9 @@ def free_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_fits(model_cls, config, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Refuse, before any weight is loaded, a model + cache larger than the memory left on `device`."""
+def check_fits(model_cls, config, capacity: int, dtype: torch.dtype, device: torch.device, share: float = 1.0) -> None:
+    """Refuse, before any weight is loaded, a model + cache larger than the memory left on `device`.
+    `share`: the part of both that `device` holds (tensor parallel: minisink/tools/tp.py memory_share)."""
     free = free_memory(torch.device(device))
     if free is None:
         return
@@ -106,10 +107,85 @@ def check_fits(model_cls, config, capacity: int, dtype: torch.dtype, device: tor
     width = max(m.embedding_dim for m in model.modules() if isinstance(m, torch.nn.Embedding))
     layers = max(len(m) for m in model.modules() if isinstance(m, torch.nn.ModuleList))
     cache = 2 * capacity * width * layers * dtype.itemsize
+    weights, cache = weights * share, cache * share
     if weights + cache > free:
-        cache = cache_bytes(model_cls, config, capacity, dtype)
+        cache = cache_bytes(model_cls, config, capacity, dtype) * share
     if weights + cache > free:
         gb = lambda n: f"{n / 1e9:,.2f} GB"
         raise CacheSizeError(f"a cache of {capacity:,} slots needs {gb(cache)} and the weights {gb(weights)} in "
-                             f"{str(dtype).removeprefix('torch.')}, but only {gb(free)} of {device.type} memory is "
-                             f"free: pass a smaller --window-size (or a smaller --dtype)")
+                             f"{str(dtype).removeprefix('torch.')}" + (f" (this rank's part: {share:.2g} of the model's)" if share < 1 else "") +
+                             f", but only {gb(free)} of {device.type} memory is free: pass a smaller --window-size "
+                             "(or a smaller --dtype" + (", or more ranks)" if share < 1 else ")"))
+
+
+# ------------------------------------------------------------------ how many GPUs (tensor parallel)
+
+GPU_HEADROOM = 0.10   # of each GPU's memory, kept for the CUDA context, activations and the allocator
+
+
+def rank_bytes(model_cls, config, cache: int, dtype: torch.dtype, world: int) -> tuple[int, int]:
+    """(weights, cache) bytes that one of `world` tensor-parallel ranks holds, given the whole
+    `cache`'s bytes (cache_bytes): its shard of the model, cut on the meta device as
+    minisink/tools/tp.py cuts it for loading (no memory), and its kv heads' part of the cache (with
+    fewer kv heads than ranks, a copy of one)."""
+    from ..weights.load import on_meta
+    from . import tp
+    model = on_meta(model_cls, config)
+    if world > 1:
+        tp.TensorParallel(0, world)(model)
+    unique = {id(p): p for p in model.parameters()}.values()   # a tied head once
+    weights = sum(p.numel() for p in unique) * dtype.itemsize
+    s = tp.sizes(config)
+    kv = len(tp.heads_of(0, world, s.n_head, s.n_kv_head)[1])
+    return weights, cache * kv // s.n_kv_head
+
+
+def gpus_needed(model_cls, config, cache: int, dtype: torch.dtype, gpu_bytes: float,
+                headroom: float = GPU_HEADROOM) -> tuple[int | None, list[int]]:
+    """(the fewest tensor-parallel ranks, one GPU of `gpu_bytes` each, whose weights + cache (`cache`
+    bytes for the whole model) fit in (1 - headroom) of it, or None past 64; the numbers of ranks
+    that split the model's heads)."""
+    from . import tp
+    s = tp.sizes(config)
+    splits = [n for n in range(1, s.n_head + 1) if tp.divides(s, n)]
+    for n in (n for n in splits if n <= 64):
+        if sum(rank_bytes(model_cls, config, cache, dtype, n)) <= (1 - headroom) * gpu_bytes:
+            return n, splits
+    return None, splits
+
+
+def main(argv=None) -> int:
+    """python -m minisink size FOLDER|config.json ... [--gpu-gb 80] [--dtype bf16] [--slots 4096]"""
+    import argparse
+    import json
+    from pathlib import Path
+    from . import cli
+    from ..weights.load import DTYPES, build_config, read_config
+
+    p = cli.Parser(prog="python -m minisink size",
+                   description="How many GPUs each model needs under tensor parallel: weights + a sink cache + headroom")
+    p.add_argument("models", nargs="+", metavar="FOLDER|config.json", help="model folders, or their config.json files")
+    p.add_argument("--gpu-gb", type=float, default=80, help="memory of one GPU, GB (default 80)")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="weights and cache (default bf16)")
+    p.add_argument("--slots", type=cli.int_at_least(1), default=MAX_DEFAULT_SLOTS,
+                   help=f"cache slots S+W (default {MAX_DEFAULT_SLOTS}, run.py's largest default)")
+    args = p.parse_args(argv)
+    dtype = DTYPES[args.dtype]
+
+    def run(_):
+        print(f"| model | weights GB | cache GB ({args.slots:,} slots) | {args.gpu_gb:g} GB GPUs ({args.dtype}, "
+              f"{GPU_HEADROOM:.0%} kept free) | per GPU GB | ranks that split the heads |")
+        print("|---|---|---|---|---|---|")
+        for name in args.models:
+            path = Path(name)
+            config = json.loads(cli.read_text(path)) if path.is_file() else read_config(path)
+            cls, parsed = build_config(config, where=name)
+            cache = cache_bytes(cls, parsed, args.slots, dtype)
+            n, splits = gpus_needed(cls, parsed, cache, dtype, args.gpu_gb * 1e9)
+            weights, _ = rank_bytes(cls, parsed, cache, dtype, 1)
+            label = path.parent.name if path.is_file() else path.name
+            per = f"{sum(rank_bytes(cls, parsed, cache, dtype, n)) / 1e9:,.1f}" if n else "-"
+            print(f"| {label} | {weights / 1e9:,.1f} | {cache / 1e9:,.2f} | {n or 'none of 64 or fewer'} | {per} | "
+                  f"{', '.join(map(str, splits))} |")
+        return 0
+    return cli.main("python -m minisink size", run, argv)

@@ -23,9 +23,11 @@ resizes the meta model and returns, per parameter, the `Reader` that cuts its sl
 `load_model(folder, shard=...)` (minisink/weights/load.py) applies them. No rank ever holds a full
 copy of a sharded weight. Costs and limits, on paper: docs/tensor-parallel.md.
 """
+import contextlib
 import datetime
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,6 +37,7 @@ from torch import nn
 
 TIMEOUT_ENV = "MINISINK_TP_TIMEOUT"   # seconds a rank waits for the others (joining, every all-reduce)
 DEFAULT_TIMEOUT_S = 300
+REFUSAL_GRACE_S = 3   # how long ranks > 0 wait before exiting on a refusal, so that rank 0 says it first
 
 
 class TPError(Exception):
@@ -221,7 +224,11 @@ class TensorParallel:
         linear.register_forward_hook(self.all_reduce)
 
     def all_reduce(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(output, group=self.group)   # the partial sums of every rank, in place
+        try:
+            dist.all_reduce(output, group=self.group)   # the partial sums of every rank, in place
+        except RuntimeError as e:   # a peer exited or stalled past the timeout (DistError is a RuntimeError)
+            raise TPError(f"rank {self.rank} of {self.world}: an all-reduce failed: another rank has stopped "
+                          f"or stalled past {TIMEOUT_ENV} ({first_line(e)})") from None
         return output
 
 
@@ -282,10 +289,14 @@ def join(launch: Launch, device: torch.device, init_method: str = "env://") -> T
                                 **({"device_id": device} if backend == "nccl" else {}))
         dist.barrier()   # every rank is there: from here on a collective means all of them
     except (RuntimeError, TimeoutError, ValueError) as e:   # DistError subclasses RuntimeError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TPError(f"rank {launch.rank} of {launch.world}: the other ranks did not all join within {seconds:g} s "
-                      f"({TIMEOUT_ENV}); a rank failed to start? ({backend}: {first})") from None
+                      f"({TIMEOUT_ENV}); a rank failed to start? ({backend}: {first_line(e)})") from None
     return TensorParallel(launch.rank, launch.world)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def leave() -> None:
@@ -294,17 +305,119 @@ def leave() -> None:
 
 
 def shared_seed(seed: int | None, device: torch.device) -> int:
-    """One seed for every rank: rank 0's (the given one, or a random one), broadcast. With the same
-    logits and the same generator state, every rank samples the same token without asking rank 0."""
+    """One seed for every rank: rank 0's (the given one, or a random one), broadcast.
+
+    Why a seed and not a broadcast of every sampled token: every rank already holds the same logits,
+    bit for bit (an all-reduce hands every rank the same sum; norms, embeddings and the output head
+    are replicated and run the same kernels on the same inputs; tests/test_tp.py checks the equality),
+    so the same generator state draws the same token on every rank without a collective per token.
+    A broadcast would cost one more latency term per token; on a mix of GPU models, whose kernels may
+    round differently, it would be the safe choice."""
     pick = seed if seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
     t = torch.tensor([pick], dtype=torch.long, device=device)
     dist.broadcast(t, src=0)
     return int(t.item())
 
 
+# ------------------------------------------------------------------ run.py and eval under torchrun
+
+_own_stderr = None   # a rank > 0's own stderr, kept aside for a failure that only it can report
+
+
 def quiet_unless_rank0(launch: Launch | None) -> None:
-    """Rank 0 speaks for all: the others' stdout and stderr go nowhere (they would print the same).
-    A rank that fails alone leaves the others waiting at an all-reduce until the timeout, which rank
-    0 then reports."""
-    if launch is not None and launch.rank != 0:
-        sys.stdout = sys.stderr = open(os.devnull, "w")
+    """Rank 0 speaks for all: the others' stdout and stderr go nowhere (they would print the same),
+    down to the file descriptors, where c10d's C++ logs write. A rank that fails alone leaves the
+    others waiting at an all-reduce until the timeout, which rank 0 then reports."""
+    global _own_stderr
+    if launch is None or launch.rank == 0 or _own_stderr is not None:
+        return
+    sys.stdout.flush(), sys.stderr.flush()
+    _own_stderr = os.fdopen(os.dup(2), "w")
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1), os.dup2(null, 2)
+    os.close(null)
+    sys.stdout = sys.stderr = open(os.devnull, "w")
+
+
+def speak_after_all() -> None:
+    """This rank, rank 0 or not, has something to say that only it knows."""
+    if _own_stderr is not None:
+        sys.stderr = _own_stderr
+
+
+def speaks() -> bool:
+    """Whether this process prints and writes files: it runs alone, or it is rank 0."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def rank_device(launch: Launch, device: torch.device) -> torch.device:
+    """CUDA: one GPU per rank, the one of its LOCAL_RANK (NCCL does not share a GPU between ranks)."""
+    if device.type == "cpu":
+        return device
+    if device.index is not None:   # one rank (start refuses an index for more)
+        return device
+    count = torch.cuda.device_count()
+    if launch.local_rank >= count:
+        raise TPError(f"rank {launch.rank} is local rank {launch.local_rank} but this machine has {count} CUDA "
+                      f"GPU(s), one per rank: use --nproc-per-node {count} or fewer per machine")
+    return torch.device("cuda", launch.local_rank)
+
+
+def memory_share(launch: Launch | None, device: torch.device) -> float:
+    """The part of the model (weights and cache) that this process's device must hold: 1/N of it
+    on a GPU of its own; on CPU the ranks of one machine share its memory, LOCAL_WORLD_SIZE/N."""
+    if launch is None:
+        return 1.0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1
+    return min(1.0, local / launch.world)
+
+
+def check_launch(config, name: str) -> Launch | None:
+    """Steps 1 and 2 of `start`, for a model's config alone (run.py: before its weights download)."""
+    launch = launched()
+    if launch is not None:
+        quiet_unless_rank0(launch)
+        with said_by_rank0(launch):
+            check_world(config, launch.world, name)
+    return launch
+
+
+@contextlib.contextmanager
+def said_by_rank0(launch: Launch):
+    """A refusal that every rank meets alike is rank 0's to say. The others wait a moment before they
+    exit: torchrun stops every rank when the first one fails, and that one should be rank 0."""
+    try:
+        yield
+    except TPError:
+        if launch.rank != 0:
+            time.sleep(REFUSAL_GRACE_S)
+        raise
+
+
+def start(config, device: torch.device, name: str) -> tuple[TensorParallel | None, torch.device]:
+    """(this rank's `shard` for load_model, its device), or (None, device) when torchrun did not start
+    this process. Nothing here reads a weight. In this order, so that a refusal costs nothing:
+
+      1. rank 0 speaks for all: the other ranks' stdout and stderr go nowhere (they would repeat it);
+      2. N must split the model's heads: else one line that names the N that would;
+      3. the backend (NCCL on CUDA, a GPU per rank; gloo on CPU), else one line;
+      4. join the process group, waiting at most MINISINK_TP_TIMEOUT s for the other ranks: a rank
+         that never comes is one line from every rank that waited for it, not a hang.
+    """
+    launch = check_launch(config, name)
+    if launch is None:
+        return None, device
+    with said_by_rank0(launch):
+        if device.type not in ("cpu", "cuda"):
+            raise TPError(f"tensor parallel runs on cuda (NCCL) or cpu (gloo), not {device.type}: pass --device cpu")
+        if device.type == "cuda" and device.index is not None and launch.world > 1:
+            raise TPError(f"--device {device} under torchrun with {launch.world} ranks: each rank takes the GPU "
+                          "of its LOCAL_RANK; pass --device cuda (or auto)")
+        backend_for(device)
+        timeout_s()
+    try:
+        device = rank_device(launch, device)
+        return join(launch, device), device
+    except TPError:
+        speak_after_all()   # only this rank knows: its GPU is missing, or it waited in vain
+        raise

@@ -126,6 +126,21 @@ def on_meta(cls, config):
         return cls(config)
 
 
+def tensors_in(path: Path, device, one_mapping_each: bool = False):
+    """(name, open safetensors file) for each tensor in `path`. safetensors maps the file and reads
+    through the mapping; every page a read touches stays resident until the file closes. One mapping
+    per tensor (tensor parallel: a rank reads slices) closes each after its read, so a rank's
+    resident memory is its own tensors and at most one tensor's pages of the file."""
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        names = list(f.keys())
+        if not one_mapping_each:
+            yield from ((name, f) for name in names)
+            return
+    for name in names:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            yield name, f
+
+
 def load_model(folder, dtype: torch.dtype = torch.float32, device="cpu", shard=None):
     """The model in `folder`, in `dtype` on `device`, in eval mode.
 
@@ -141,27 +156,28 @@ def load_model(folder, dtype: torch.dtype = torch.float32, device="cpu", shard=N
     state = {}
     for path in sorted(set(files.values())):
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                for name in f.keys():
-                    if name not in expected:
-                        if name in aliases or any(p.search(name) for p in ignore):
-                            continue  # a tied alias stored anyway, or a buffer we recompute
-                        raise LoadError(f"{path}: unexpected tensor {name} (not a parameter of "
-                                        f"{cls.__name__} with this config.json)")
-                    if name in readers:  # a rank's slice: the full shape is checked before reading
-                        sl, full = f.get_slice(name), readers[name].shape
-                        if tuple(sl.get_shape()) != full:
-                            raise LoadError(f"{path}: expected tensor {name} of shape {full}, found {tuple(sl.get_shape())}")
-                        tensor = readers[name].read(sl)
-                    else:
-                        tensor = f.get_tensor(name)
-                    if not tensor.is_floating_point():  # .to(dtype) below would turn ints into weights silently
-                        raise LoadError(f"{path}: tensor {name} is {str(tensor.dtype).removeprefix('torch.')}; "
-                                        "minisink loads floating-point weights (fp32, fp16, bf16)")
-                    want = tuple(expected[name].shape)
-                    if tuple(tensor.shape) != want:
-                        raise LoadError(f"{path}: expected tensor {name} of shape {want}, found {tuple(tensor.shape)}")
-                    state[name] = tensor.to(dtype)
+            for name, f in tensors_in(path, device, one_mapping_each=shard is not None):
+                if name not in expected:
+                    if name in aliases or any(p.search(name) for p in ignore):
+                        continue  # a tied alias stored anyway, or a buffer we recompute
+                    raise LoadError(f"{path}: unexpected tensor {name} (not a parameter of "
+                                    f"{cls.__name__} with this config.json)")
+                if name in readers:  # a rank's slice: the full shape is checked before reading
+                    sl, full = f.get_slice(name), readers[name].shape
+                    if tuple(sl.get_shape()) != full:
+                        raise LoadError(f"{path}: expected tensor {name} of shape {full}, found {tuple(sl.get_shape())}")
+                    tensor = readers[name].read(sl)
+                else:
+                    tensor = f.get_tensor(name)
+                if not tensor.is_floating_point():  # .to(dtype) below would turn ints into weights silently
+                    raise LoadError(f"{path}: tensor {name} is {str(tensor.dtype).removeprefix('torch.')}; "
+                                    "minisink loads floating-point weights (fp32, fp16, bf16)")
+                want = tuple(expected[name].shape)
+                if tuple(tensor.shape) != want:
+                    raise LoadError(f"{path}: expected tensor {name} of shape {want}, found {tuple(tensor.shape)}")
+                state[name] = tensor.to(dtype)
+                if shard is not None and state[name] is tensor:  # safetensors' tensors (whole, and rows
+                    state[name] = tensor.clone()                  # too) live in the file's mapping: let it close
         except SafetensorError as e:
             raise LoadError(f"{path}: not a readable safetensors file ({e})") from None
     missing = [name for name in expected if name not in state]

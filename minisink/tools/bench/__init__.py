@@ -1,4 +1,4 @@
-"""python -m minisink bench [decode|gpu|tokenizer|eval|startup|all] [options of that benchmark]
+"""python -m minisink bench [decode|gpu|tokenizer|eval|startup|tp_memory|all] [options of that benchmark]
 
 Each benchmark is a module of this package with a `main(argv)`; `python -m minisink bench NAME -h`
 lists its options. `all` runs every benchmark with its defaults, one after another. Modules are
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "tokenizer": "minisink's BPE encoder next to HF tokenizers",
     "eval": "chunked streaming evaluation vs token by token",
     "startup": "the first README command in a fresh copy: time to first token and tok/s (median of 5)",
+    "tp_memory": "tensor parallel: each rank's weight bytes and resident memory for N = 1, 2, 3 (CPU)",
 }
 
 
