@@ -132,10 +132,10 @@ def check_shape(name: str, linear: nn.Linear, how: str, group_size: int) -> None
                             "(use --dtype int8)")
 
 
-def quantized(linear: nn.Linear, how: str, group_size: int = GROUP_SIZE) -> nn.Module:
+def quantized(linear: nn.Linear, how: str, group_size: int = GROUP_SIZE, dtype=None) -> nn.Module:
     if how == "int8":
-        return Int8Linear.from_float(linear.weight.data, linear.bias)
-    return Int4Linear.from_float(linear.weight.data, linear.bias, group_size)
+        return Int8Linear.from_float(linear.weight.data, linear.bias, dtype)
+    return Int4Linear.from_float(linear.weight.data, linear.bias, group_size, dtype)
 
 
 def quantize(model: nn.Module, how: str, group_size: int = GROUP_SIZE, linears=None) -> nn.Module:
@@ -203,7 +203,7 @@ def load_gguf_blocks(gguf_path, folder, dtype: torch.dtype = torch.float32, devi
     from .weights.gguf import hf_name, read_gguf, unpermute_rows, GGUFError
     from .weights.load import load_model
 
-    model = load_model(folder, dtype=dtype, device=device)
+    model = load_model(folder, dtype=torch.float32, device=device)  # re-quantize from fp32, not from dtype
     reader = read_gguf(gguf_path)
     kinds = {hf_name(t.name, gguf_path).removesuffix(".weight"): t for t in reader.tensors}
     heads = {"q_proj": model.config.num_attention_heads, "k_proj": model.config.num_key_value_heads}
@@ -225,9 +225,9 @@ def load_gguf_blocks(gguf_path, folder, dtype: torch.dtype = torch.float32, devi
         else:
             how = "int8" if kind in EIGHT_BITS_OR_MORE else "int4"
             check_shape(name, linear, how, GROUP_SIZE)
-            swaps[name] = quantized(linear, how)
+            swaps[name] = quantized(linear, how, dtype=dtype)
     if not swaps:
         raise GGUFError(f"{gguf_path}: no weight matrices found")
     for name, module in swaps.items():
         replace(model, name, module.to(device))
-    return model
+    return model.to(dtype)   # the rest (embedding, norms) in the activations' dtype; integers stay integers
