@@ -572,13 +572,10 @@ def load_weights(args, folder, dtype, device):
     """The model in `dtype`, its matrices quantized with --dtype int8/int4 (minisink/quantize.py)."""
     if args.dtype not in QUANTIZED:
         return load_model(folder, dtype=dtype, device=device)
-    from minisink.quantize import QuantizeError, load_gguf_blocks, quantize
+    from minisink.quantize import QuantizeError, load_quantized
     from minisink.weights.gguf import GGUFError
-    gguf = Path(args.model or "").expanduser()
     try:
-        if args.dtype == "int4" and gguf.suffix.lower() == ".gguf" and gguf.is_file():
-            return load_gguf_blocks(gguf, folder, dtype=dtype, device=device)   # the file's own 4-bit blocks
-        return quantize(load_model(folder, dtype=dtype, device=device), args.dtype)
+        return load_quantized(args.model, folder, args.dtype, dtype=dtype, device=device)
     except (QuantizeError, GGUFError) as e:
         raise UserError(str(e)) from None
 

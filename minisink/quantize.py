@@ -14,8 +14,11 @@ learn of it: their nn.Linear modules are swapped for these two, which compute th
     int4   W[n, k] = scale[n, g] * (q[n, k] - 8) + zero[n, g]  q in 0..15, g = k // group_size
 
 The products run in PyTorch's own CPU kernels, which read the packed integers and dequantize as they
-go (torch.ops.aten._weight_int8pack_mm, _weight_int4pack_mm_for_cpu); which of them wins, and by how
-much, is measured in docs/quantize.md. Their scales must have the activations' dtype.
+go (torch.ops.aten._weight_int8pack_mm, _weight_int4pack_mm_for_cpu). Chosen by measurement
+(docs/quantize.md, `python -m minisink bench quantize`): with bf16 activations they beat bf16
+F.linear 2-3x on one SmolLM2 step; with fp32 or fp16 activations they take a path 8-30x slower, and
+dequantize-then-F.linear is 9-14x slower. Their scales must have the activations' dtype, so run.py
+computes in bf16 around them.
 
 A GGUF file's blocks are used as they are where the format is exactly one of these (load_gguf_blocks):
 
@@ -138,20 +141,21 @@ def quantized(linear: nn.Linear, how: str, group_size: int = GROUP_SIZE, dtype=N
     return Int4Linear.from_float(linear.weight.data, linear.bias, group_size, dtype)
 
 
-def quantize(model: nn.Module, how: str, group_size: int = GROUP_SIZE, linears=None) -> nn.Module:
-    """Swap every nn.Linear of `model` (in place) for its int8 or int4 version, in the Linear's dtype.
+def quantize(model: nn.Module, how: str, group_size: int = GROUP_SIZE, dtype: torch.dtype | None = None) -> nn.Module:
+    """Swap every nn.Linear of `model` (in place) for its int8 or int4 version, computing in `dtype`
+    (default: each Linear's own dtype; with a dtype, the rest of the model is cast to it too).
 
     The output head is a Linear too, so it is quantized; a head tied to the input embedding keeps
     the embedding's float weights for the lookup (one row per token) and reads the quantized copy
     for the logits. Every shape is checked before anything is swapped: all or nothing."""
     if how not in DTYPES:
         raise QuantizeError(f"unknown weight quantization {how!r} (known: {', '.join(DTYPES)})")
-    linears = linears or {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     for name, m in linears.items():
         check_shape(name, m, how, group_size)
     for name, m in linears.items():
-        replace(model, name, quantized(m, how, group_size))
-    return model
+        replace(model, name, quantized(m, how, group_size, dtype))
+    return model if dtype is None else model.to(dtype)
 
 
 def replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -231,3 +235,18 @@ def load_gguf_blocks(gguf_path, folder, dtype: torch.dtype = torch.float32, devi
     for name, module in swaps.items():
         replace(model, name, module.to(device))
     return model.to(dtype)   # the rest (embedding, norms) in the activations' dtype; integers stay integers
+
+
+def load_quantized(model_arg, folder, how: str, dtype: torch.dtype = torch.bfloat16, device="cpu") -> nn.Module:
+    """What `--dtype int8|int4` loads, for run.py and the evaluator alike. `model_arg` is what the user
+    named (a .gguf file, or anything else), `folder` the model folder it resolved to: int4 on a .gguf
+    runs the file's own Q4_0/Q4_1 blocks (load_gguf_blocks); otherwise every matrix is quantized from
+    the folder's weights: from fp32 when the checkpoint is fp32 (a converted GGUF), else from `dtype`
+    (the activations' dtype; a bf16 checkpoint loses nothing, and never takes 4 bytes a weight)."""
+    from pathlib import Path
+    from .weights.load import load_model, read_config
+    gguf = Path(str(model_arg or "")).expanduser()
+    if how == "int4" and gguf.suffix.lower() == ".gguf" and gguf.is_file():
+        return load_gguf_blocks(gguf, folder, dtype=dtype, device=device)
+    source = torch.float32 if read_config(folder).get("torch_dtype") in ("float32", "fp32") else dtype
+    return quantize(load_model(folder, dtype=source, device=device), how, dtype=dtype)
