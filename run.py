@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "refused with a message: most CPUs emulate fp16 arithmetic, slowly; use bf16 there to halve memory.\n"
         "int8 / int4 (CPU): weight-only quantization (minisink/quantize.py, docs/quantize.md): int8 per output\n"
         "channel or int4 per group of 32, activations and cache in bf16 (torch's int8/int4 kernels are 8-30x\n"
-        "slower with fp32 activations). With --model FILE.gguf, int4 runs the file's own Q4_0/Q4_1 blocks\n"
+        "slower with fp32 activations). With --model FILE.gguf, int4 runs the file's own Q4_0/Q4_1/Q4_K blocks\n"
         "(d and m rounded to bf16), other matrices re-quantized: int8 where the file has 8 bits or more (the\n"
         "Q8_0 embedding/head), else int4; int8 re-quantizes every matrix from the file's values.\n\n"
         "text: --prompt, --prompts and chat lines must be UTF-8; text that is not is reported (where, and\n"

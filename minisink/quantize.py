@@ -24,6 +24,7 @@ A GGUF file's blocks are used as they are where the format is exactly one of the
 
     Q4_1  w = d * q + m per 32 weights, q in 0..15      -> int4: scale d, zero m + 8d   (exact)
     Q4_0  w = d * (q - 8) per 32                        -> int4: scale d, zero 0        (exact)
+    Q4_K  w = d sc_j * q - dmin m_j per 32, in 256s    -> int4: scale d sc_j, zero 8 d sc_j - dmin m_j  (exact)
     Q8_0  w = d * q per 32, q int8                      -> no kernel takes a scale per 32 int8s:
           re-quantized to int8 per channel (from its exact fp32 values)
     F32 / F16 / BF16 matrices, and every other type the gguf package can dequantize (Q5_x, K-quants):
@@ -193,12 +194,40 @@ def q4_blocks(data: np.ndarray, kind: str, out: int, inp: int):
     return torch.from_numpy(q.astype(np.int32)), torch.from_numpy(d), torch.from_numpy(zero)
 
 
-EXACT_INT4 = ("Q4_0", "Q4_1")
+Q4_K_BLOCK = 144   # 256 weights: d, dmin (fp16), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
+
+
+def q4_k_blocks(data: np.ndarray, out: int, inp: int):
+    """A Q4_K tensor's raw bytes -> q (out, in), scale and zero (out, in/32), fp32, as q4_blocks.
+
+    Q4_K is eight groups of 32 under one pair of fp16 numbers: group j has w = d sc_j q - dmin m_j,
+    sc_j and m_j 6-bit integers packed into 12 bytes (llama.cpp's get_scale_min_k4):
+
+        j < 4:   sc = s[j] & 63                          m = s[j + 4] & 63
+        j >= 4:  sc = s[j + 4] & 15 | (s[j - 4] >> 6) << 4   m = s[j + 4] >> 4 | (s[j] >> 6) << 4
+
+    and its 128 bytes hold four runs of 32: run r's low nibbles are group 2r, its high ones 2r + 1."""
+    supers = inp // 256
+    blocks = np.ascontiguousarray(data).reshape(out, supers, Q4_K_BLOCK)
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)            # (out, supers, 1)
+    dmin = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)
+    s = blocks[..., 4:16].astype(np.uint8)
+    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+    m = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+    scale = d * sc.astype(np.float32)                                          # (out, supers, 8)
+    zero = 8 * scale - dmin * m.astype(np.float32)       # d sc q - dmin m == d sc (q - 8) + (8 d sc - dmin m)
+    runs = blocks[..., 16:].reshape(out, supers, 4, 1, 32)
+    q = np.concatenate([runs & 0x0F, runs >> 4], axis=3).reshape(out, inp)     # (run, low/high, 32) -> groups
+    return (torch.from_numpy(q.astype(np.int32)), torch.from_numpy(scale.reshape(out, -1)),
+            torch.from_numpy(zero.reshape(out, -1)))
+
+
+EXACT_INT4 = ("Q4_0", "Q4_1", "Q4_K")
 EIGHT_BITS_OR_MORE = ("F32", "F16", "BF16", "Q8_0", "Q8_1", "Q8_K", "F64")
 
 
 def load_gguf_blocks(gguf_path, folder, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
-    """The model of a GGUF file with its Q4_0/Q4_1 matrices run as they are, by the int4 kernel.
+    """The model of a GGUF file with its Q4_0/Q4_1/Q4_K matrices run as they are, by the int4 kernel.
 
     `folder` is the file's converted model folder (minisink/weights/gguf.py: config, tokenizer, fp32
     weights for everything else). Other matrices are re-quantized from their fp32 values: int8 when
@@ -221,7 +250,7 @@ def load_gguf_blocks(gguf_path, folder, dtype: torch.dtype = torch.float32, devi
         out, inp = linear.weight.shape
         if kind in EXACT_INT4:
             check_shape(name, linear, "int4", GROUP_SIZE)
-            q, scale, zero = q4_blocks(t.data, kind, out, inp)
+            q, scale, zero = q4_k_blocks(t.data, out, inp) if kind == "Q4_K" else q4_blocks(t.data, kind, out, inp)
             rows = heads.get(name.rpartition(".")[2])
             if rows:  # llama.cpp's row order for RoPE (minisink/weights/gguf.py): undo it, rows carry their scales
                 q, scale, zero = (unpermute_rows(a, rows) for a in (q, scale, zero))

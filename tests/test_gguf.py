@@ -136,7 +136,14 @@ def write_tiny_gguf(path, arch="llama", pre="smollm", odd_tensor_type=None, seed
                  else 0.5 * rng.standard_normal(shape)).astype(np.float32)
         if matrix_type is not None and name.startswith("blk.") and "norm" not in name:
             qtype = gguf.GGMLQuantizationType[matrix_type]
-            w.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+            try:
+                data = gguf.quants.quantize(value, qtype)
+            except NotImplementedError:  # gguf writes no K-quants: random Q4_K blocks with sane d, dmin
+                block, size = gguf.GGML_QUANT_SIZES[qtype]
+                data = rng.integers(0, 256, (shape[0], shape[1] // block, size), dtype=np.uint8)
+                data[..., :4] = (0.01 * rng.random((shape[0], shape[1] // block, 2))).astype(np.float16).view(np.uint8)
+                data = data.reshape(shape[0], -1)
+            w.add_tensor(name, data, raw_dtype=qtype)
         else:
             w.add_tensor(name, value)
     if odd_tensor_type is not None:  # raw bytes of a quant type, for the output head

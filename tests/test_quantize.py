@@ -130,11 +130,13 @@ def test_a_shape_the_int4_kernel_cannot_take_is_refused_before_anything_changes(
 # --- GGUF blocks as they are ---------------------------------------------------------------------
 
 def tiny_gguf(tmp_path, matrix_type: str):
-    """(gguf path, its converted fp32 folder: gguf's own dequantization) of a random 1-layer Llama."""
+    """(gguf path, its converted fp32 folder: gguf's own dequantization) of a random 1-layer Llama
+    (hidden 256 for a K-quant, whose blocks hold 256 weights; else 64)."""
     pytest.importorskip("gguf")
     from test_gguf import write_tiny_gguf
     from minisink.weights.gguf import convert
-    path = write_tiny_gguf(tmp_path / f"tiny.{matrix_type}.gguf", hidden=64, matrix_type=matrix_type)
+    hidden = 256 if matrix_type.endswith("_K") else 64
+    path = write_tiny_gguf(tmp_path / f"tiny.{matrix_type}.gguf", hidden=hidden, matrix_type=matrix_type)
     return path, convert(path, tmp_path / matrix_type)
 
 
@@ -142,10 +144,11 @@ def linears(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Int8Linear, Int4Linear))}
 
 
-@pytest.mark.parametrize("kind", ["Q4_1", "Q4_0"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_0", "Q4_K"])
 def test_q4_blocks_run_as_the_very_weights_gguf_dequantizes(tmp_path, kind):
-    """fp32 scales: every weight the int4 kernel multiplies by is gguf's own value, bit for bit (Q and K
-    rows un-permuted with their scales). bf16 scales: within bf16's rounding of d and m."""
+    """fp32 scales: every weight the int4 kernel multiplies by is gguf's own value, bit for bit for
+    Q4_0/Q4_1, within fp32 rounding for Q4_K, whose zero 8 d sc - dmin m is a sum (Q and K rows
+    un-permuted with their scales). bf16 scales: within bf16's rounding of d and m."""
     from minisink.weights.load import load_model
     path, folder = tiny_gguf(tmp_path, kind)
     dense = linears(load_model(folder))
@@ -156,13 +159,16 @@ def test_q4_blocks_run_as_the_very_weights_gguf_dequantizes(tmp_path, kind):
             assert isinstance(m, Int8Linear) and isinstance(linears(near)[name], Int8Linear)
             continue
         assert isinstance(m, Int4Linear), name
-        assert torch.equal(m.weight, dense[name].weight), name
         w = dense[name].weight
+        if kind == "Q4_K":
+            assert (m.weight - w).abs().max() <= 2 ** -20 * w.abs().max(), name    # measured: 2^-24 of it
+        else:
+            assert torch.equal(m.weight, w), name
         assert (linears(near)[name].weight.float() - w).abs().max() <= 2 ** -7 * w.abs().max(), name
-    ref = stream_logits(load_model(folder))
-    assert relative(stream_logits(exact), ref) < 1e-2       # the int8 head is the only approximation
+    ref, exact = stream_logits(load_model(folder)), stream_logits(exact)
+    assert relative(exact, ref) < 1e-2                      # the int8 head is the only approximation
     bf16 = relative(stream_logits(load_model(folder, dtype=torch.bfloat16)), ref)   # bf16 activations alone
-    assert relative(stream_logits(near), ref) < 1.5 * bf16     # measured: 0.74x and 0.93x of it
+    assert relative(stream_logits(near), exact) < 1.5 * bf16   # measured: 0.74x (Q4_1), 0.95x (Q4_0), 1.2x (Q4_K)
 
 
 def test_other_gguf_types_are_re_quantized_never_to_fewer_bits(tmp_path):

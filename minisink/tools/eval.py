@@ -231,7 +231,7 @@ def parse_args(argv):
                    help="also print PPL for these sink counts at the same cache size S+W (paper's Table 2)")
     p.add_argument("--device", default="cpu", type=cli.device, help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16, or fp16 (GPU only: refused on CPU, as by run.py); int8, int4: "
-                   "quantized weights, bf16 activations, CPU (minisink/quantize.py; int4 on a .gguf: its own blocks)")
+                   "quantized weights, bf16 activations, CPU (minisink/quantize.py; int4 on a .gguf: its own Q4_0/Q4_1/Q4_K blocks)")
     args = p.parse_args(argv)
     args.policy = [x.strip() for x in args.policy.split(",") if x.strip()]
     bad = [x for x in args.policy if x not in POLICIES]
