@@ -3,7 +3,8 @@
     model = load_model(folder, dtype=torch.bfloat16)
     quantize(model, "int8")                   # every nn.Linear, the output head included -> Int8Linear
     quantize(model, "int4", group_size=32)    # -> Int4Linear
-    model = load_gguf_blocks("model.Q4_1.gguf", folder, dtype=torch.float32)   # a llama.cpp file's own blocks
+    model = load_gguf_blocks("model.Q4_1.gguf", folder)   # a llama.cpp file's own blocks, bf16 scales (fast)
+    model = load_gguf_blocks("model.Q4_1.gguf", folder, dtype=torch.float32)   # fp32 scales: exact, slow
 
 A decode step multiplies every weight matrix by one vector, so its time is the time to read the
 weights: fewer bits per weight, fewer bytes, faster steps. Only the weights shrink; activations, norms,
@@ -27,7 +28,7 @@ A GGUF file's blocks are used as they are where the format is exactly one of the
     Q4_K  w = d sc_j * q - dmin m_j per 32, in 256s    -> int4: scale d sc_j, zero 8 d sc_j - dmin m_j  (exact)
     Q8_0  w = d * q per 32, q int8                      -> no kernel takes a scale per 32 int8s:
           re-quantized to int8 per channel (from its exact fp32 values)
-    F32 / F16 / BF16 matrices, and every other type the gguf package can dequantize (Q5_x, K-quants):
+    F32 / F16 / BF16 matrices, and every other type the gguf package can dequantize (Q5_x, Q6_K, ...):
           re-quantized from the fp32 values: to int8 when the file had 8 bits or more, else to int4
 
 "Exact" means the fp32 kernel computes the file's own weights: d and m are fp16, so d, m + 8d and every
@@ -38,7 +39,6 @@ a Q4_1 file runs as a near neighbour of itself. Types gguf cannot dequantize are
 """
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 DTYPES = ("int8", "int4")
@@ -226,7 +226,7 @@ EXACT_INT4 = ("Q4_0", "Q4_1", "Q4_K")
 EIGHT_BITS_OR_MORE = ("F32", "F16", "BF16", "Q8_0", "Q8_1", "Q8_K", "F64")
 
 
-def load_gguf_blocks(gguf_path, folder, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
+def load_gguf_blocks(gguf_path, folder, dtype: torch.dtype = torch.bfloat16, device="cpu") -> nn.Module:
     """The model of a GGUF file with its Q4_0/Q4_1/Q4_K matrices run as they are, by the int4 kernel.
 
     `folder` is the file's converted model folder (minisink/weights/gguf.py: config, tokenizer, fp32

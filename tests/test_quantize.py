@@ -200,3 +200,19 @@ def test_smollm2_q4_1_file_runs_as_its_own_weights(smollm2):
     dense = load_model(smollm2)
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.17.self_attn.k_proj", "model.layers.29.mlp.down_proj"):
         assert torch.equal(model.get_submodule(name).weight, dense.get_submodule(name).weight), name
+
+
+def test_eval_int4_on_a_gguf_scores_the_file_near_its_fp32_dequantization(tmp_path, capsys, monkeypatch):
+    """`python -m minisink eval --dtype int4` loads the same way as run.py (minisink.quantize.load_quantized)."""
+    from minisink.tools import eval as ev
+    path, _ = tiny_gguf(tmp_path, "Q4_1")
+    monkeypatch.setenv("MINISINK_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "text.txt").write_text("the the he t " * 40)
+    ppl = {}
+    for dtype in ("fp32", "int4"):
+        args = ["--model", str(path), "--text", str(tmp_path / "text.txt"), "--tokens", "64", "--policy", "sink",
+                "--sink-size", "2", "--window-size", "14", "--out", str(tmp_path / dtype), "--dtype", dtype]
+        assert ev.main(args) == 0
+        row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sink "))
+        ppl[dtype] = float(row.split()[2])
+    assert ppl["int4"] != ppl["fp32"] and abs(ppl["int4"] / ppl["fp32"] - 1) < 0.05, ppl
