@@ -54,7 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "  (default) chat     turns from --prompts FILE, or from stdin: typed (a terminal) or piped, one per\n"
         "                     line. All turns go into one stream: the cache persists across turns.\n\n"
         "dtype: auto is bf16 on CUDA (fp16 where bf16 is unsupported) and fp32 on CPU. fp16 on CPU is\n"
-        "refused with a message: most CPUs emulate fp16 arithmetic, slowly; use bf16 there to halve memory.\n\n"
+        "refused with a message: most CPUs emulate fp16 arithmetic, slowly; use bf16 there to halve memory.\n"
+        "int8 / int4 (CPU): weight-only quantization (minisink/quantize.py, docs/quantize.md): int8 per output\n"
+        "channel or int4 per group of 32, activations and cache in bf16 (torch's int8/int4 kernels are 8-30x\n"
+        "slower with fp32 activations). With --model FILE.gguf, int4 runs the file's own Q4_0/Q4_1/Q4_K blocks\n"
+        "(d and m rounded to bf16), other matrices re-quantized: int8 where the file has 8 bits or more (the\n"
+        "Q8_0 embedding/head), else int4; int8 re-quantizes every matrix from the file's values.\n\n"
         "text: --prompt, --prompts and chat lines must be UTF-8; text that is not is reported (where, and\n"
         "the byte offset), never guessed at. A typed line is asked for again; anything else exits 1."))
     g = p.add_argument_group("model")
@@ -64,8 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--revision", default=None, metavar="REV", help="hub branch, tag or commit, e.g. refs/pr/7 for a safetensors conversion")
     g.add_argument("--list-models", action="store_true", help="print the short names and exit")
     g.add_argument("--device", default="auto", type=cli.device, help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="weights and cache dtype (default: auto, see below)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", *QUANTIZED],
+                   help="weights and cache dtype (default: auto, see below); int8, int4: quantized weights, CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU; on CPU "
                    "inductor, 15-110 s to compile, 1-17%% faster than eager at 1 thread, but up to 1.5x slower "
                    "at 2 threads on a busy machine: docs/benchmarks.md)")
@@ -118,7 +123,15 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+QUANTIZED = ("int8", "int4")   # weight-only (minisink/quantize.py); activations and cache in bf16
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype of activations and cache (of the weights too, unless --dtype int8/int4)."""
+    if name in QUANTIZED:
+        if device.type != "cpu":
+            raise UserError(f"--dtype {name} runs on CPU only (torch's int8/int4 CPU kernels); on {device} use bf16")
+        return torch.bfloat16
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -481,6 +494,8 @@ class Demo:
         shape = {"sink": f"S={s.cache.S} W={s.cache.W}", "window": f"S=0 W={s.cache.W}",
                  "dense": "no eviction: grows with the stream", "recompute": "re-encoded every token"}[s.policy]
         dtype = str(s.dtype).removeprefix("torch.")
+        if self.args.dtype in QUANTIZED:
+            dtype = f"{self.args.dtype} weights + {dtype}"
         turns = f"{self.turns} turn{'s' if self.turns != 1 else ''}"
         first = (f"time to first token {m.first_s:.2f} s{f' over {turns}' if self.turns > 1 else ''} "
                  f"({m.fed:,} prompt token{'s' if m.fed != 1 else ''})")
@@ -551,8 +566,23 @@ def load(args, download=None):
             check_fits(cls, parsed, args.sink_size + window, dtype, device, tp.memory_share(tp.launched(), device))
     except CacheSizeError as e:
         raise UserError(str(e)) from None
-    model = load_model(folder, dtype=dtype, device=device, shard=shard)
+    model = load_weights(args, folder, dtype, device, shard)
     return model, tokenizer, config, folder, (window, notes), chat_template
+
+
+def load_weights(args, folder, dtype, device, shard=None):
+    """The model in `dtype` (this rank's part under torchrun), its matrices quantized with --dtype
+    int8/int4 (minisink/quantize.py)."""
+    if args.dtype not in QUANTIZED:
+        return load_model(folder, dtype=dtype, device=device, shard=shard)
+    if shard is not None:
+        raise UserError(f"--dtype {args.dtype} runs in one process only; under torchrun use --dtype bf16 or fp32")
+    from minisink.quantize import QuantizeError, load_quantized
+    from minisink.weights.gguf import GGUFError
+    try:
+        return load_quantized(args.model, folder, args.dtype, dtype=dtype, device=device)
+    except (QuantizeError, GGUFError) as e:
+        raise UserError(str(e)) from None
 
 
 def make_demo(args, download=None) -> tuple[Demo, list[int], list[int]]:

@@ -101,18 +101,19 @@ def test_tokenizer_special_tokens(smollm2):
 
 
 
-def write_tiny_gguf(path, arch="llama", pre="smollm", odd_tensor_type=None, seed=0):
+def write_tiny_gguf(path, arch="llama", pre="smollm", odd_tensor_type=None, seed=0, hidden=8, matrix_type=None):
     """A real GGUF of a random 1-layer Llama (hidden 8, 2 heads, 1 kv head) with a byte-level
-    vocabulary, written by the gguf package as llama.cpp's converter writes one."""
+    vocabulary, written by the gguf package as llama.cpp's converter writes one. `matrix_type`
+    (e.g. "Q4_1"): the layer's seven matrices quantized by the gguf package, as llama-quantize would."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(1)
     w.add_context_length(64)
-    w.add_embedding_length(8)
-    w.add_feed_forward_length(16)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(2 * hidden)
     w.add_head_count(2)
     w.add_head_count_kv(1)
-    w.add_rope_dimension_count(4)
+    w.add_rope_dimension_count(hidden // 2)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     from minisink.text.tokenizer import bytes_to_unicode
@@ -125,13 +126,26 @@ def write_tiny_gguf(path, arch="llama", pre="smollm", odd_tensor_type=None, seed
     w.add_bos_token_id(0)
     w.add_eos_token_id(0)
     V = len(tokens)
-    shapes = {"token_embd.weight": (V, 8), "blk.0.attn_norm.weight": (8,), "blk.0.attn_q.weight": (8, 8),
-              "blk.0.attn_k.weight": (4, 8), "blk.0.attn_v.weight": (4, 8), "blk.0.attn_output.weight": (8, 8),
-              "blk.0.ffn_norm.weight": (8,), "blk.0.ffn_gate.weight": (16, 8), "blk.0.ffn_up.weight": (16, 8),
-              "blk.0.ffn_down.weight": (8, 16), "output_norm.weight": (8,)}
+    C, kv = hidden, hidden // 2
+    shapes = {"token_embd.weight": (V, C), "blk.0.attn_norm.weight": (C,), "blk.0.attn_q.weight": (C, C),
+              "blk.0.attn_k.weight": (kv, C), "blk.0.attn_v.weight": (kv, C), "blk.0.attn_output.weight": (C, C),
+              "blk.0.ffn_norm.weight": (C,), "blk.0.ffn_gate.weight": (2 * C, C), "blk.0.ffn_up.weight": (2 * C, C),
+              "blk.0.ffn_down.weight": (C, 2 * C), "output_norm.weight": (C,)}
     for name, shape in shapes.items():
-        w.add_tensor(name, (1 + 0.1 * rng.standard_normal(shape) if "norm" in name
-                            else 0.5 * rng.standard_normal(shape)).astype(np.float32))
+        value = (1 + 0.1 * rng.standard_normal(shape) if "norm" in name
+                 else 0.5 * rng.standard_normal(shape)).astype(np.float32)
+        if matrix_type is not None and name.startswith("blk.") and "norm" not in name:
+            qtype = gguf.GGMLQuantizationType[matrix_type]
+            try:
+                data = gguf.quants.quantize(value, qtype)
+            except NotImplementedError:  # gguf writes no K-quants: random Q4_K blocks with sane d, dmin
+                block, size = gguf.GGML_QUANT_SIZES[qtype]
+                data = rng.integers(0, 256, (shape[0], shape[1] // block, size), dtype=np.uint8)
+                data[..., :4] = (0.01 * rng.random((shape[0], shape[1] // block, 2))).astype(np.float16).view(np.uint8)
+                data = data.reshape(shape[0], -1)
+            w.add_tensor(name, data, raw_dtype=qtype)
+        else:
+            w.add_tensor(name, value)
     if odd_tensor_type is not None:  # raw bytes of a quant type, for the output head
         qtype = gguf.GGMLQuantizationType[odd_tensor_type]
         block, size = gguf.GGML_QUANT_SIZES[qtype]

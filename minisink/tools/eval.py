@@ -230,7 +230,8 @@ def parse_args(argv):
     p.add_argument("--sweep-sinks", type=int_list, default=None, metavar="0,1,2,4,8",
                    help="also print PPL for these sink counts at the same cache size S+W (paper's Table 2)")
     p.add_argument("--device", default="cpu", type=cli.device, help="cpu (default), cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16, or fp16 (GPU only: refused on CPU, as by run.py)")
+    p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16, or fp16 (GPU only: refused on CPU, as by run.py); int8, int4: "
+                   "quantized weights, bf16 activations, CPU (minisink/quantize.py; int4 on a .gguf: its own Q4_0/Q4_1/Q4_K blocks)")
     args = p.parse_args(argv)
     args.policy = [x.strip() for x in args.policy.split(",") if x.strip()]
     bad = [x for x in args.policy if x not in POLICIES]
@@ -245,11 +246,20 @@ def parse_args(argv):
             p.error(f"--sweep-sinks: {s} sinks leave no window in a cache of {args.sink_size + args.window_size}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    from ..quantize import DTYPES as QUANTIZED
     from ..weights.load import DTYPES
-    if args.dtype not in DTYPES:
-        p.error(f"--dtype {args.dtype!r}: choose one of {', '.join(DTYPES)}")
-    cli.refuse_fp16_on_cpu(DTYPES[args.dtype], args.device)
+    if args.dtype not in DTYPES and args.dtype not in QUANTIZED:
+        p.error(f"--dtype {args.dtype!r}: choose one of {', '.join([*DTYPES, *QUANTIZED])}")
+    if args.dtype in QUANTIZED and args.device != "cpu":
+        p.error(f"--dtype {args.dtype} runs on CPU only (torch's int8/int4 CPU kernels); on {args.device} use bf16")
+    cli.refuse_fp16_on_cpu(activations_dtype(args.dtype), args.device)
     return args
+
+
+def activations_dtype(name: str) -> torch.dtype:
+    """--dtype's torch dtype; int8/int4 quantize the weights only, and compute in bf16."""
+    from ..weights.load import DTYPES
+    return DTYPES.get(name, torch.bfloat16)
 
 
 def choose_cache(args, device, share: float = 1.0) -> tuple[int, list[str]]:
@@ -260,7 +270,7 @@ def choose_cache(args, device, share: float = 1.0) -> tuple[int, list[str]]:
     cls, parsed = build_config(config)
     try:
         W, notes = choose_window(config, args.sink_size, args.window_size, getattr(parsed, "sliding_window", None))
-        check_fits(cls, parsed, args.sink_size + W, DTYPES[args.dtype], torch.device(device), share)
+        check_fits(cls, parsed, args.sink_size + W, activations_dtype(args.dtype), torch.device(device), share)
     except CacheSizeError as e:
         raise UserError(str(e)) from None
     cache_size = args.sink_size + W
@@ -377,16 +387,26 @@ def print_sweep(rows: list[dict]):
 def run(args) -> int:
     from ..weights.hub import resolve
     from ..weights.load import DTYPES, build_config, load_model, read_config
-    args.model = resolve(args.model)  # a folder, a .gguf file, or a short name / repo id downloaded as run.py does
+    named, args.model = args.model, resolve(args.model)  # a folder, a .gguf file, or a short name / repo id downloaded as run.py does
     # under torchrun: this rank's part of the model (minisink/tools/tp.py); (None, device) otherwise
     shard, device = tp.start(build_config(read_config(args.model))[1], torch.device(args.device), Path(args.model).name)
+    if shard is not None and args.dtype not in DTYPES:
+        raise UserError(f"--dtype {args.dtype} runs in one process only; under torchrun use --dtype bf16 or fp32")
     args.device = str(device)
     S, (W, notes) = args.sink_size, choose_cache(args, args.device, tp.memory_share(tp.launched(), device))
     C = S + W
     ids_list = read_stream(args)
     for note in notes:  # after the input is known to be readable: an error stays one line
         print(f"minisink.tools.eval: {note}", file=sys.stderr)
-    model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, shard=shard)
+    if args.dtype in DTYPES:
+        model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, shard=shard)
+    else:
+        from ..quantize import QuantizeError, load_quantized
+        from ..weights.gguf import GGUFError
+        try:
+            model = load_quantized(named, args.model, args.dtype, device=args.device)
+        except (QuantizeError, GGUFError) as e:
+            raise UserError(str(e)) from None
     ids = torch.tensor(ids_list, dtype=torch.long, device=args.device)
     N = ids.shape[0]
     print(f"{N} tokens, cache {S}+{W}, chunks of {args.chunk_size}", file=sys.stderr)

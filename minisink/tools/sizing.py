@@ -61,10 +61,12 @@ def choose_window(config: dict, sink_size: int, window_size: int | None,
 def step_read_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step must read: every parameter once (a tied one once, as
     parameters() lists it), except an input embedding that is not also the output head, of which a
-    step reads one row. Not the parameter count: Llama-134M's untied embedding is 18% of its bytes."""
+    step reads one row. Not the parameter count: Llama-134M's untied embedding is 18% of its bytes.
+    Quantized weights (minisink/quantize.py) are buffers, integers and scales: all of them are read."""
     heads = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     lookup = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} - heads
-    return sum((p[0] if id(p) in lookup else p).numel() * p.element_size() for p in model.parameters())
+    params = sum((p[0] if id(p) in lookup else p).numel() * p.element_size() for p in model.parameters())
+    return params + sum(b.numel() * b.element_size() for b in model.buffers())
 
 
 def cache_bytes(model_cls, config, capacity: int, dtype: torch.dtype, batch_size: int = 1) -> int:

@@ -13,6 +13,7 @@ BENCHMARKS = {
     "gpu": "real 7B shapes past a full cache: eager, compiled, recompute; tok/s and GB/s (scaled down on CPU)",
     "tokenizer": "minisink's BPE encoder next to HF tokenizers",
     "eval": "chunked streaming evaluation vs token by token",
+    "quantize": "one SmolLM2 step's mat-vecs: fp32, bf16, int8, int4 kernels side by side (minisink/quantize.py)",
     "startup": "the first README command in a fresh copy: time to first token and tok/s (median of 5)",
     "tp_memory": "tensor parallel: each rank's weight bytes and resident memory for N = 1, 2, 3 (CPU)",
 }
