@@ -69,9 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU; on CPU "
                    "inductor, 15-110 s to compile, 1-17%% faster than eager at 1 thread, but up to 1.5x slower "
                    "at 2 threads on a busy machine: docs/benchmarks.md)")
-    g.add_argument("--threads", type=cli.int_at_least(1), default=None, metavar="N",
+    g.add_argument("--threads", type=cli.threads, default=None, metavar="N",
                    help=f"CPU threads for torch (default: 1 for models under {cli.TINY_MODEL_PARAMS / 1e6:.0f}M parameters, "
-                        "where more threads only spin; torch's choice, one per core, for larger ones)")
+                        "where more threads only spin; torch's choice, one per core, for larger ones); "
+                        f"{cli.THREADS_HELP} ({cli.usable_cpus()} here)")
     g = p.add_argument_group("cache")
     g.add_argument("--policy", default="sink", choices=POLICIES, help="default: sink (StreamingLLM)")
     g.add_argument("--sink-size", type=int, default=4, metavar="S", help="attention sinks kept forever (default: 4)")
@@ -88,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--temperature", type=cli.temperature, default=0.8, metavar="T", help="0 is greedy (default: 0.8)")
     g.add_argument("--top-p", type=cli.top_p, default=0.95, metavar="P", help="nucleus sampling, 0 < P <= 1 (default: 0.95)")
     g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the K most likely (default: off)")
-    g.add_argument("--seed", type=int, default=None, metavar="N", help="seed the sampler (default: random)")
+    g.add_argument("--seed", type=cli.seed, default=None, metavar="N", help="seed the sampler, 0 <= N < 2^64 (default: random)")
     g = p.add_argument_group("output")
     g.add_argument("--no-status", action="store_true",
                    help="no status line on stderr (it is also off when stderr is not a terminal; "
@@ -541,14 +542,15 @@ def load(args, download=None):
         if not folder.is_dir():
             raise UserError(f"the default model {folder} is missing; pass a model folder or name with --model")
     else:
-        folder = resolve(args.model, args.revision, download=download, check=lambda f: small.append(inspect(f)))
+        folder = resolve(args.model, args.revision, download=download, check=lambda f: small.append(inspect(f)),
+                         note=lambda text: print(f"run.py: {text}", file=sys.stderr, flush=True))
     config, cls, parsed, tokenizer, chat_template = small[0] if small else inspect(folder)  # [] for a local folder
     try:
         window, notes = choose_window(config, args.sink_size, args.window_size, getattr(parsed, "sliding_window", None))
         if args.policy != "dense":  # dense grows without bound anyway: nothing to promise up front
             check_fits(cls, parsed, args.sink_size + window, dtype, device)
-    except CacheSizeError as e:
-        raise UserError(str(e)) from None
+    except CacheSizeError as e:  # a flag the model or the memory cannot take: exit 2, as argparse's
+        raise cli.UsageError(str(e)) from None
     model = load_model(folder, dtype=dtype, device=device)
     return model, tokenizer, config, folder, (window, notes), chat_template
 
