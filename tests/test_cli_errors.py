@@ -246,6 +246,14 @@ IN_PROCESS = {
     "bench startup runs 0": ("bench", ["startup", "--runs", "0"], 2, "--runs: must be >= 1"),
     "bench startup tokens huge": ("bench", ["startup", "--tokens", "1000000000000000000000000000000"], 2, "--tokens: must be >= 1"),
     "bench tokenizer repeat 0": ("bench", ["tokenizer", "--repeat", "0"], 2, "--repeat: must be >= 1"),
+    "run compare one policy": ("run", ["--compare", "sink"], 2, "--compare: expected two different policies"),
+    "run compare the same twice": ("run", ["--compare", "sink,sink"], 2, "got 'sink,sink'"),
+    "run compare recompute": ("run", ["--compare", "window,recompute"], 2, "e.g. window,sink"),
+    "run text without compare": ("run", ["--text", "README.md"], 2, "--text goes with --compare"),
+    "run text-tokens 1": ("run", ["--compare", "window,sink", "--text", "README.md", "--text-tokens", "1"], 2,
+                          "--text-tokens: must be >= 2"),
+    "run compare sink with no sinks": ("run", ["--compare", "window,sink", "--model", DEFAULT_MODEL, "--sink-size", "0"], 2,
+                                       "--compare ...sink needs --sink-size >= 1"),
 }
 
 

@@ -532,7 +532,7 @@ def test_help_names_every_option(capsys):
     out = capsys.readouterr().out
     for flag in ("--model", "--revision", "--list-models", "--stream", "--policy", "--sink-size", "--window-size",
                  "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--device", "--dtype",
-                 "--compile", "--prompt ", "--prompts", "--no-status"):
+                 "--compile", "--prompt ", "--prompts", "--no-status", "--compare", "--text ", "--text-tokens"):
         assert flag in out, flag
 
 
