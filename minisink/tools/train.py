@@ -445,8 +445,11 @@ def recipe_problem(r: Recipe) -> str | None:
     for name, low in at_least.items():
         if getattr(r, name) < low:
             return f"--{name.replace('_', '-')} must be >= {low}, got {getattr(r, name)}"
-    if r.threads > cli.usable_cpus():  # more only wait, and far more crash torch's thread pool (issue 26)
-        return f"--threads must be <= {cli.usable_cpus()} (the CPUs this process may use), got {r.threads}"
+    # more threads than CPUs only wait, and far more crash torch's thread pool (issue 26); the default
+    # stays allowed on a smaller machine, since the recorded models were trained with it
+    most = max(cli.usable_cpus(), Recipe.threads)
+    if r.threads > most:
+        return f"--threads must be <= {most} (the CPUs this process may use, or the default {Recipe.threads}), got {r.threads}"
     if r.seed > cli.SEED_MAX:
         return f"--seed must be < 2^64 (torch.manual_seed takes 64 bits), got {r.seed}"
     need = training_bytes(r)
