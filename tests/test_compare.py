@@ -62,3 +62,28 @@ def test_both_streams_appear_on_a_real_terminal(smollm2, tmp_path):
     assert [p for p, _ in later] == ["window", "sink"] and all(int(n) > 0 for _, n in later), screen
     blocks = re.split(r"== .* ==\n", screen)[1:]
     assert len(blocks) == 6 and all(re.search(r"[A-Za-z]{3}", b) for b in blocks), screen
+
+
+def test_on_the_default_model_the_two_streams_agree_until_the_first_eviction_and_ppl_equals_eval():
+    """No SmolLM2 needed: the shipped model. Same seed and prompt, so window and sink write the same
+    tokens while nothing is evicted; the live perplexity equals minisink.tools.eval's, policy by policy."""
+    import io
+    import torch
+    from minisink.tools.compare import generate_side_by_side, perplexity_side_by_side
+    from minisink.tools.eval import perplexity, policy_nll
+    from minisink.text.tokenizer import load_tokenizer
+    from minisink.weights.load import load_model
+    folder = REPO / "minisink" / "checkpoints" / "tinystories-1m"
+    model, tok = load_model(folder), load_tokenizer(folder)
+    out = io.StringIO()
+    sample = dict(temperature=1.0, top_k=None, top_p=None)
+    ids = generate_side_by_side(model, tok, [tok.bos_id], ["window", "sink"], 2, 14, 40, 0, sample, block=8, out=out)
+    assert ids["window"][:15] == ids["sink"][:15]   # 1 + 15 tokens fit in the 16 slots
+    assert ids["window"] != ids["sink"]              # and then the caches differ (sampled at temperature 1)
+    assert "== sink (2 sinks + 14 recent) | tokens 33-40 | 16 evicted so far ==" in out.getvalue()
+    stream = [tok.bos_id] + tok.encode("Once upon a time there was a cat who sang. " * 12)[:150]
+    got = perplexity_side_by_side(model, stream, ["window", "sink"], 2, 14, every=32, out=io.StringIO())
+    for policy in ("window", "sink"):
+        nll = policy_nll(model, torch.tensor(stream), policy, 2, 14, chunk_size=7)
+        assert abs(got[policy][0] - perplexity(nll)) < 1e-3 * got[policy][0], policy
+        assert abs(got[policy][1] - perplexity(nll, first=17)) < 1e-3 * got[policy][1], policy

@@ -28,11 +28,13 @@ def shape(policy: str, sink_size: int, window_size: int) -> str:
     """How a policy uses the S+W slots."""
     if policy == "window":
         return f"0 sinks + {sink_size + window_size} recent"
+    if policy == "dense":
+        return "every token kept"
     return f"{sink_size} sinks + {window_size} recent"
 
 
 def evicted(stream: Stream) -> int:
-    return max(0, stream.tokens_seen - stream.capacity)
+    return 0 if stream.policy == "dense" else max(0, stream.tokens_seen - stream.capacity)
 
 
 def generate_side_by_side(model, tokenizer, first_ids: list[int], policies: list[str], sink_size: int,
