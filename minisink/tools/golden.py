@@ -564,7 +564,8 @@ def _ids_from(args, config) -> tuple[list[int], list[int]]:
 
 # CPU kernels split work differently over different numbers of threads, which moves fp32 results
 # in the last bits; one thread makes reruns (and regenerations) repeat the same bits.
-THREADS_HELP = "CPU threads (default 1: the same bits on every rerun)"
+THREADS_HELP = f"CPU threads (default 1: the same bits on every rerun); {cli.THREADS_HELP}"
+CASE_MAX = 100_000  # --sink-size, --window-size, --prompt-len, --steps, --continuation-len at most
 
 
 def parse_args(argv=None):
@@ -572,28 +573,30 @@ def parse_args(argv=None):
     parser = cli.Parser(prog="python -m minisink golden", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     at_least_0, at_least_1, at_least_2 = cli.int_at_least(0), cli.int_at_least(1), cli.int_at_least(2)
+    # a case is read by people and by CI: its files hold every step, so its lengths stay small
+    small = lambda low: cli.int_between(low, CASE_MAX, " (a golden case is meant to be small)")
     m = sub.add_parser("make", help="run minisink on a model and write a case folder")
     m.add_argument("--model", required=True, help="model folder (config.json + safetensors)")
     m.add_argument("--out", required=True, type=cli.writable_folder, help="case folder to write")
     m.add_argument("--policy", default="sink", choices=POLICIES)
-    m.add_argument("--sink-size", type=at_least_0, default=4)
-    m.add_argument("--window-size", type=at_least_1, default=12)
-    m.add_argument("--prompt-len", type=at_least_2, default=40, help="make it longer than S+W")
-    m.add_argument("--steps", type=at_least_1, default=40, help="greedy decode steps")
-    m.add_argument("--continuation-len", type=at_least_0, default=40, help="teacher-forced tokens scored by NLL")
+    m.add_argument("--sink-size", type=small(0), default=4)
+    m.add_argument("--window-size", type=small(1), default=12)
+    m.add_argument("--prompt-len", type=small(2), default=40, help="make it longer than S+W")
+    m.add_argument("--steps", type=small(1), default=40, help="greedy decode steps")
+    m.add_argument("--continuation-len", type=small(0), default=40, help="teacher-forced tokens scored by NLL")
     m.add_argument("--text", type=cli.readable_file,
                    help="take prompt and continuation from this UTF-8 text (the model's tokenizer); "
                         "default: random ids from --seed")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=cli.seed, default=0)
     m.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     m.add_argument("--logits", default="auto", choices=("auto", "full", "topk"),
                    help=f"auto: full rows up to a vocabulary of {FULL_VOCAB_MAX}, top-k beyond")
     m.add_argument("--top-k", type=at_least_1, default=32)
     m.add_argument("--atol", type=positive_float, help="tolerance on logits, log-sum-exp and NLL (default by dtype)")
-    m.add_argument("--prefill-chunk", type=at_least_0, default=0, help="0: the prompt in one chunk")
+    m.add_argument("--prefill-chunk", type=small(0), default=0, help="0: the prompt in one chunk")
     m.add_argument("--name")
     m.add_argument("--description", default="")
-    m.add_argument("--threads", type=at_least_1, default=1, help=THREADS_HELP)
+    m.add_argument("--threads", type=cli.threads, default=1, help=THREADS_HELP)
     c = sub.add_parser("check", help="check minisink, or a logits file, against case(s); exit 1 on failure")
     c.add_argument("cases", nargs="+", help="case folders, or folders of cases")
     c.add_argument("--logits", type=cli.readable_file,
@@ -605,7 +608,7 @@ def parse_args(argv=None):
                                           "says what would change, and writes only with --write")
     r.add_argument("cases", nargs="*", default=[str(DEFAULT_DIR)])
     r.add_argument("--model", help="where the case's model is, if not at its recorded source")
-    r.add_argument("--threads", type=at_least_1, default=1, help=THREADS_HELP)
+    r.add_argument("--threads", type=cli.threads, default=1, help=THREADS_HELP)
     r.add_argument("--write", action="store_true",
                    help="rewrite the cases that changed (default: only report), once every case has been rebuilt")
     s = sub.add_parser("streams", help="print the ids of the two streams to feed, as JSON")

@@ -111,7 +111,10 @@ def check_fits(model_cls, config, capacity: int, dtype: torch.dtype, device: tor
     cache = 2 * capacity * width * layers * dtype.itemsize
     weights, cache = weights * share, cache * share
     if weights + cache > free:
-        cache = cache_bytes(model_cls, config, capacity, dtype) * share
+        try:
+            cache = cache_bytes(model_cls, config, capacity, dtype) * share
+        except Exception:  # a capacity beyond what a tensor can hold: torch raises one of several kinds
+            pass  # the bound already says it does not fit
     if weights + cache > free:
         gb = lambda n: f"{n / 1e9:,.2f} GB"
         raise CacheSizeError(f"a cache of {capacity:,} slots needs {gb(cache)} and the weights {gb(weights)} in "

@@ -46,6 +46,7 @@ from safetensors.torch import save_file
 from . import cli
 from ..generate import Stream
 from ..models.llama import LlamaConfig, LlamaForCausalLM
+from .sizing import free_memory
 
 SINK_PIECE = "<sink>"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -427,6 +428,16 @@ Final: validation loss **{log['val_loss']:.4f}**, perplexity **{log['val_ppl']:.
 {from_bos}""")
 
 
+def training_bytes(r: Recipe) -> int:
+    """A lower bound on the fp32 bytes training `r` needs: 4 copies of every parameter (weights,
+    gradients, AdamW's two moments) and, per layer, a few activations of width dim and hidden_dim
+    for every token of the batch, plus the attention scores and the logits."""
+    params = r.vocab_size * r.dim + r.n_layers * (4 * r.dim * r.dim + 3 * r.dim * r.hidden_dim)
+    tokens = r.batch_size * r.context
+    scores = r.n_layers * r.batch_size * r.n_heads * r.context * r.context
+    return 4 * (4 * params + scores + tokens * (r.n_layers * (4 * r.dim + 2 * r.hidden_dim) + 2 * r.vocab_size))
+
+
 def recipe_problem(r: Recipe) -> str | None:
     """The first setting of `r` that cannot train, as `--flag: why`; None when all can."""
     at_least = dict(vocab_size=VOCAB_MIN, dim=1, n_layers=1, n_heads=1, n_kv_heads=1, hidden_dim=1, context=2,
@@ -434,6 +445,19 @@ def recipe_problem(r: Recipe) -> str | None:
     for name, low in at_least.items():
         if getattr(r, name) < low:
             return f"--{name.replace('_', '-')} must be >= {low}, got {getattr(r, name)}"
+    # more threads than CPUs only wait, and far more crash torch's thread pool (issue 26); the default
+    # stays allowed on a smaller machine, since the recorded models were trained with it
+    most = max(cli.usable_cpus(), Recipe.threads)
+    if r.threads > most:
+        return f"--threads must be <= {most} (the CPUs this process may use, or the default {Recipe.threads}), got {r.threads}"
+    if r.seed > cli.SEED_MAX:
+        return f"--seed must be < 2^64 (torch.manual_seed takes 64 bits), got {r.seed}"
+    need = training_bytes(r)
+    free = free_memory(torch.device("cpu"))
+    if free is not None and need > free:
+        return (f"this model and batch need about {need / 1e9:,.1f} GB to train (weights, gradients, AdamW's two "
+                f"moments, activations) but {free / 1e9:,.1f} GB of memory is free: pass a smaller --dim, "
+                "--n-layers, --vocab-size, --context or --batch-size")
     for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
         value = getattr(r, name)
         if not (math.isfinite(value) and value >= 0) or (name in ("lr", "grad_clip") and value == 0):

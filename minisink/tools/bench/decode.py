@@ -35,7 +35,6 @@ an hour), where attention over the 1024 slots is a larger share of the step, not
 
 Random weights, fp32, batch 1: a step costs what it costs with trained weights.
 """
-import argparse
 import os
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from statistics import median
 import torch
 
 from ...cache import Plan
+from .. import cli
 from ..cli import resident_bytes
 from ...generate import Stream, decode_one_token
 from .models import CONFIGS, bandwidth, kv_bytes, machine, random_model, scaled, weight_bytes
@@ -252,21 +252,20 @@ def positions(model, ids_for, args) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minisink bench decode", description=__doc__.split("\n")[0])
+    p = cli.Parser(prog="python -m minisink bench decode", description=__doc__.split("\n")[0])
     p.add_argument("--models", default="llama-134m,pythia-160m", help=f"shapes from {', '.join(CONFIGS)}")
-    p.add_argument("--caches", default="256,1024,2048", help="cache sizes C = S+W, S=4")
-    p.add_argument("--threads", default="1,2", help="torch CPU thread counts")
-    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds")
-    p.add_argument("--steps", type=int, default=6, help="timed steps per variant per round")
+    p.add_argument("--caches", type=cli.int_list(cli.bench_slots(5)), default=[256, 1024, 2048], help="cache sizes C = S+W, S=4")
+    p.add_argument("--threads", type=cli.int_list(cli.threads), default=[1, 2], help=f"torch CPU thread counts; {cli.THREADS_HELP}")
+    p.add_argument("--rounds", type=cli.bench_steps(1), default=4, help="interleaved rounds")
+    p.add_argument("--steps", type=cli.bench_steps(1), default=6, help="timed steps per variant per round")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip Stream(compile=True)")
-    p.add_argument("--recompute-steps", type=int, default=1, help="recompute steps timed (0: skip)")
+    p.add_argument("--recompute-steps", type=cli.bench_steps(0), default=1, help="recompute steps timed (0: skip)")
     p.add_argument("--busy", action="store_true", help="also: 2-thread slowdown under a second busy process")
-    p.add_argument("--positions", default="", help="also: latency at these stream positions, e.g. 2048,100000")
-    p.add_argument("--position-threads", type=int, default=1)
+    p.add_argument("--positions", type=cli.int_list(cli.int_between(1, 10**12, " (stream positions)")), default=[], help="also: latency at these stream positions, e.g. 2048,100000")
+    p.add_argument("--position-threads", type=cli.threads, default=1)
     p.add_argument("--positions-shape", default="tiny", choices=["tiny", "small", "full"])
     args = p.parse_args(argv)
-    args.positions = [int(x) for x in args.positions.split(",") if x]
-    caches, threads = [int(c) for c in args.caches.split(",") if c], [int(t) for t in args.threads.split(",") if t]
+    caches, threads = args.caches, args.threads
 
     print(machine("cpu") + f"; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"torch {torch.__version__}; random weights, fp32, batch 1; {args.rounds} interleaved rounds of "

@@ -17,11 +17,11 @@ A random-weight Llama of realistic shape (Pythia-160M-like: dim 768, 12 layers, 
 
 Both runs' NLLs on the timed prefix are compared, so the speedup is for the same answer.
 """
-import argparse
 import time
 
 import torch
 
+from .. import cli
 from ...cache import SinkCache
 from ..eval import streaming_nll
 from ...weights.load import DTYPES
@@ -38,15 +38,15 @@ def sync(device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minisink bench eval", description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, default=20000)
-    p.add_argument("--prefix", type=int, default=256, help="token-by-token tokens timed after the cache fills; 0: all")
-    p.add_argument("--sink-size", type=int, default=4)
-    p.add_argument("--window-size", type=int, default=508)
-    p.add_argument("--chunk-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
+    p = cli.Parser(prog="python -m minisink bench eval", description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=cli.bench_steps(2), default=20000)
+    p.add_argument("--prefix", type=cli.bench_steps(0), default=256, help="token-by-token tokens timed after the cache fills; 0: all")
+    p.add_argument("--sink-size", type=cli.bench_slots(0), default=4)
+    p.add_argument("--window-size", type=cli.bench_slots(1), default=508)
+    p.add_argument("--chunk-size", type=cli.bench_slots(1), default=256)
+    p.add_argument("--device", type=cli.device, default="cpu")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=cli.threads, default=None, help=f"torch CPU threads (default: torch's choice); {cli.THREADS_HELP}")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

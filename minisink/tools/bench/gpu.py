@@ -21,7 +21,6 @@ On a CPU the default shape is "tiny" (hidden 256, 2 layers, vocab 4096; see mini
 and few tokens, so that it finishes in about a minute: four 7B models in fp32 need 4 x 28 GB. The
 compiled step uses inductor's C++ backend there (no CUDA graphs); compiling takes most of the time.
 """
-import argparse
 import json
 import re
 import time
@@ -31,6 +30,7 @@ from statistics import median
 
 import torch
 
+from .. import cli
 from ...generate import Stream
 from ...weights.load import DTYPES
 from .models import CONFIGS, bandwidth, kv_bytes, machine, random_model, scaled, seconds_per_call, sync, weight_bytes
@@ -287,25 +287,25 @@ def summary(rows: list[dict]) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minisink bench gpu", description=__doc__.split("\n")[0])
+    p = cli.Parser(prog="python -m minisink bench gpu", description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shape", choices=["full", "small", "tiny"], default=None,
                    help="default: full on a GPU, tiny on a CPU")
     p.add_argument("--dtype", default=None, help="comma-separated, from "
                    f"{', '.join(DTYPES)}; each dtype runs every model before the next dtype "
                    "(default: bf16,fp16 on a GPU, fp32 on a CPU)")
-    p.add_argument("--tokens", type=int, default=None, help="compiled decode steps timed (default 1000; CPU 32)")
-    p.add_argument("--eager-tokens", type=int, default=None, help="eager decode steps timed (default 500; CPU 32)")
-    p.add_argument("--recompute-tokens", type=int, default=None, help="recompute steps timed (default 10; CPU 2)")
-    p.add_argument("--block", type=int, default=None,
+    p.add_argument("--tokens", type=cli.bench_steps(1), default=None, help="compiled decode steps timed (default 1000; CPU 32)")
+    p.add_argument("--eager-tokens", type=cli.bench_steps(1), default=None, help="eager decode steps timed (default 500; CPU 32)")
+    p.add_argument("--recompute-tokens", type=cli.bench_steps(0), default=None, help="recompute steps timed (default 10; CPU 2)")
+    p.add_argument("--block", type=cli.bench_steps(1), default=None,
                    help="steps per timed block; flat = last block / first block (default 100; CPU 8)")
-    p.add_argument("--sync-steps", type=int, default=20, help="steps run with CUDA sync detection on, untimed")
-    p.add_argument("--sink-size", type=int, default=4)
-    p.add_argument("--window-size", type=int, default=2044)
+    p.add_argument("--sync-steps", type=cli.bench_steps(0), default=20, help="steps run with CUDA sync detection on, untimed")
+    p.add_argument("--sink-size", type=cli.bench_slots(0), default=4)
+    p.add_argument("--window-size", type=cli.bench_slots(1), default=2044)
     p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--profile", type=int, default=0, help="CUDA: profile this many compiled steps, top kernels")
+    p.add_argument("--threads", type=cli.threads, default=None, help=f"torch CPU threads (default: torch's choice); {cli.THREADS_HELP}")
+    p.add_argument("--profile", type=cli.bench_steps(0), default=0, help="CUDA: profile this many compiled steps, top kernels")
     p.add_argument("--json", default=None, help="also write every row to this file, as JSON")
     args = p.parse_args(argv)
     device = torch.device(args.device)

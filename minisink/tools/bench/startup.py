@@ -14,7 +14,6 @@ minus any thread settings (OMP_NUM_THREADS, MKL_NUM_THREADS: a newcomer has none
 The median of the runs is what to quote, with the load average beside it: on a shared machine both
 numbers move with what else runs. The goal of issue 17: first token within 5 s, at least 20 tok/s.
 """
-import argparse
 import os
 import platform
 import re
@@ -25,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .. import cli
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -54,9 +55,9 @@ def one_run(folder: Path, tokens: int, seed: int) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minisink bench startup", description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--tokens", type=int, default=200, help="tokens per run (default 200)")
+    p = cli.Parser(prog="python -m minisink bench startup", description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=cli.int_between(1, 1000, " (runs of a few seconds each)"), default=5)
+    p.add_argument("--tokens", type=cli.bench_steps(1), default=200, help="tokens per run (default 200)")
     args = p.parse_args(argv)
     print(f"`python run.py --stream --max-new-tokens {args.tokens}` in a fresh copy, {args.runs} runs; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")

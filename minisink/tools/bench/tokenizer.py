@@ -10,10 +10,10 @@ cache warm, best of --repeat; it encodes a single string on one thread, like min
 Load times are reported apart. `tokenizers` is imported only here, never by minisink itself.
 """
 
-import argparse
 import time
 from pathlib import Path
 
+from .. import cli
 from ...text.tokenizer import BPETokenizer
 
 ASSETS = Path(__file__).resolve().parents[3].parent / "shared" / "assets"
@@ -26,10 +26,10 @@ def timed(fn):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minisink bench tokenizer",
+    p = cli.Parser(prog="python -m minisink bench tokenizer",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--text", type=Path, default=ASSETS / "text" / "moby_dick.txt")
-    p.add_argument("--repeat", type=int, default=3, help="runs of `tokenizers`; the best counts")
+    p.add_argument("--repeat", type=cli.int_between(1, 1000, " (runs of a whole book each)"), default=3, help="runs of `tokenizers`; the best counts")
     args = p.parse_args(argv)
     if not ASSETS.is_dir() or not args.text.is_file():
         print(f"skipped: {args.text} not found (the offline assets live beside the repo)")
