@@ -53,8 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "  --stream           one endless text from --prompt (or from BOS), until Ctrl-C or --max-new-tokens\n"
         "  (default) chat     turns from --prompts FILE, or from stdin: typed (a terminal) or piped, one per\n"
         "                     line. All turns go into one stream: the cache persists across turns.\n\n"
-        "dtype: auto is bf16 on CUDA (fp16 where bf16 is unsupported) and fp32 on CPU. fp16 on CPU is\n"
-        "refused with a message: most CPUs emulate fp16 arithmetic, slowly; use bf16 there to halve memory.\n\n"
+        "dtype: auto is bf16 on CUDA (fp16 where bf16 is unsupported). On CPU, chosen by measurement\n"
+        "(docs/benchmarks.md, issue 23): bf16 for models of 10M parameters or more on a CPU with bf16\n"
+        "instructions (a decode step reads every weight once: half the bytes, SmolLM2-135M 1.26-1.29x\n"
+        "faster than fp32), fp32 for smaller ones and elsewhere. fp16 on CPU is refused with a message:\n"
+        "most CPUs emulate fp16 arithmetic, slowly.\n\n"
         "text: --prompt, --prompts and chat lines must be UTF-8; text that is not is reported (where, and\n"
         "the byte offset), never guessed at. A typed line is asked for again; anything else exits 1."))
     g = p.add_argument_group("model")
@@ -67,8 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="weights and cache dtype (default: auto, see below)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU; on CPU "
-                   "inductor, 15-110 s to compile, 1-17%% faster than eager at 1 thread, but up to 1.5x slower "
-                   "at 2 threads on a busy machine: docs/benchmarks.md)")
+                   "inductor, its mat-vecs as fused reductions that read the weights near the memory bandwidth, "
+                   "minisink/tools/fast.py; 15-300 s to compile: docs/benchmarks.md)")
     g.add_argument("--threads", type=cli.int_at_least(1), default=None, metavar="N",
                    help=f"CPU threads for torch (default: 1 for models under {cli.TINY_MODEL_PARAMS / 1e6:.0f}M parameters, "
                         "where more threads only spin; torch's choice, one per core, for larger ones)")
@@ -118,11 +121,16 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str, device: torch.device, n_params: int | None = None) -> torch.dtype:
+    """--dtype as a torch dtype. auto on a CPU: bf16 for a model of TINY_MODEL_PARAMS or more, where
+    a decode step is the time to read the weights (half the bytes: SmolLM2-135M decodes 1.26-1.29x
+    faster than in fp32, docs/benchmarks.md, issue 23), on a CPU with bf16 instructions; fp32 for a
+    tiny model (n_params unknown counts as tiny), where reading the weights is not what a step costs."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        big = n_params is not None and n_params >= cli.TINY_MODEL_PARAMS
+        return torch.bfloat16 if big and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
     dtype = DTYPES[name]
     cli.refuse_fp16_on_cpu(dtype, device)
     return dtype
@@ -543,6 +551,9 @@ def load(args, download=None):
     else:
         folder = resolve(args.model, args.revision, download=download, check=lambda f: small.append(inspect(f)))
     config, cls, parsed, tokenizer, chat_template = small[0] if small else inspect(folder)  # [] for a local folder
+    if args.dtype == "auto" and device.type == "cpu":   # by the model's size, counted on the meta device
+        with torch.device("meta"):
+            dtype = pick_dtype("auto", device, sum(p.numel() for p in cls(parsed).parameters()))
     try:
         window, notes = choose_window(config, args.sink_size, args.window_size, getattr(parsed, "sliding_window", None))
         if args.policy != "dense":  # dense grows without bound anyway: nothing to promise up front

@@ -269,8 +269,8 @@ def main(argv=None):
           f"tokens of context); {args.rounds} interleaved rounds of {args.tokens} tokens per variant, medians")
     print(f"llama.cpp: {'llama-cpp-python ' + importlib.import_module('llama_cpp').__version__ if llama == 'bindings' else llama or INSTALL}")
     print(f"copy bandwidth: {', '.join(f'{t} thread(s) {bandwidth(t) / 1e9:.1f} GB/s' for t in threads)}")
-    print(f"\n  decode tok/s      minisink           llama.cpp      llama.cpp /")
-    print(f"  th  dtype    eager  compiled   file    tok/s      minisink (its best)")
+    print(f"\n  decode tok/s      minisink           llama.cpp      minisink (its best) /")
+    print(f"  th  dtype    eager  compiled   file    tok/s      llama.cpp")
     best = {}
     for t in threads:
         ms, compile_s = measure(t, args, rows, folder, files, llama, ids)
