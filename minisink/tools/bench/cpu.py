@@ -86,6 +86,7 @@ def requantized_gguf(source: Path, kind: str, out_dir: Path) -> Path:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        os.chmod(tmp, 0o644)   # mkstemp's 0600: a cached file like the others
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
