@@ -65,3 +65,19 @@ def test_bench_cpu_prints_a_row_per_thread_count_and_dtype(tmp_path, monkeypatch
         got = gguf.quants.dequantize(q.data, q.tensor_type).reshape(want.shape)
         assert abs(got - want).max() <= (0 if kind == "F32" else abs(want).max() / 128)
         assert written.fields["tokenizer.ggml.tokens"].contents() == original.fields["tokenizer.ggml.tokens"].contents()
+
+
+def test_bench_cpu_times_llama_cpp_on_the_same_files_when_installed(tmp_path, monkeypatch, capsys):
+    """With llama-cpp-python installed: its rows, a ratio per dtype, and its logits next to minisink's."""
+    pytest.importorskip("llama_cpp")
+    from test_gguf import write_tiny_gguf
+    from minisink.tools.bench import cpu
+    monkeypatch.setenv("MINISINK_CACHE", str(tmp_path / "cache"))
+    source = write_tiny_gguf(tmp_path / "tiny.Q4_1.gguf")
+    cpu.main(["--gguf", str(source), "--threads", "1", "--dtypes", "fp32,bf16", "--rounds", "1",
+              "--tokens", "2", "--no-compile", "--llama", "bindings"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["1"]]
+    assert [r[1] for r in rows] == ["fp32", "bf16"]
+    assert all(float(r[5]) > 0 and r[6].endswith("x") for r in rows), out
+    assert "same argmax: yes" in out and "llama-cpp-python" in out

@@ -159,6 +159,20 @@ def llama_cpp_stepper(path: Path, threads: int, ids: list[int], depth: int):
     return step
 
 
+def same_model(model, path: Path, ids: list[int]) -> str:
+    """How far llama.cpp's last logits over `ids` are from minisink's (a plain forward): the proof
+    that both sides run the same weights. llama.cpp keeps its KV cache in fp16, hence not 0."""
+    import numpy as np
+    from llama_cpp import Llama
+    llm = Llama(model_path=str(path), n_ctx=len(ids) + 8, n_threads=torch.get_num_threads(), verbose=False)
+    llm.eval(ids)
+    theirs = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+    with torch.inference_mode():
+        ours = model(torch.tensor([ids]))[0, -1].float().numpy()
+    return (f"max |logit difference| {np.abs(theirs - ours).max():.3f} of max |logit| {np.abs(ours).max():.1f}, "
+            f"same argmax: {'yes' if theirs.argmax() == ours.argmax() else 'no'}")
+
+
 def llama_bench_tok_s(binary: str, path: Path, threads: int, n: int, depth: int) -> float:
     """tok/s of one `llama-bench -p 0 -n n -d depth` run (a binary on PATH)."""
     import json
@@ -269,6 +283,9 @@ def main(argv=None):
     print(f"torch {torch.__version__}; {gguf_path.name}; cache {SINKS}+{WINDOW} full (llama.cpp: {SINKS + WINDOW} "
           f"tokens of context); {args.rounds} interleaved rounds of {args.tokens} tokens per variant, medians")
     print(f"llama.cpp: {'llama-cpp-python ' + importlib.import_module('llama_cpp').__version__ if llama == 'bindings' else llama or INSTALL}")
+    if llama == "bindings" and rows.get("fp32") is not None and "fp32" in files:
+        print(f"same weights? llama.cpp {files['fp32'].name} vs minisink fp32, after 32 tokens: "
+              f"{same_model(rows['fp32'], files['fp32'], ids[:32])}")
     print(f"copy bandwidth: {', '.join(f'{t} thread(s) {bandwidth(t) / 1e9:.1f} GB/s' for t in threads)}")
     print(f"\n  decode tok/s      minisink           llama.cpp      minisink (its best) /")
     print(f"  th  dtype    eager  compiled   file    tok/s      llama.cpp")
