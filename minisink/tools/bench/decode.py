@@ -16,7 +16,9 @@ For each model shape, thread count and cache size C = 4 + (C-4), in one process,
   recompute      Stream(policy="recompute"): a forward over the last C tokens for every token
   matvec         the step's weight reads alone: every weight matrix of the model times a vector,
                  through F.linear, nothing else. What PyTorch's fp32 mat-vec makes of those bytes on
-                 this CPU: the floor of any step written in PyTorch, streaming or not.
+                 this CPU: the floor of an eager step. Not of any step: the compiled CPU step
+                 writes its mat-vecs as fused reductions (minisink/tools/fast.py), which read
+                 the weights faster than F.linear (issue 23)
   read bound     the bytes a step must read (every weight once, an untied input embedding one row,
                  K and V of C slots per layer) over the memory bandwidth probed in this run (a large
                  tensor copy: read + write bytes)
