@@ -55,9 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "                     line. All turns go into one stream: the cache persists across turns.\n\n"
         "dtype: auto is bf16 on CUDA (fp16 where bf16 is unsupported). On CPU, chosen by measurement\n"
         "(docs/benchmarks.md, issue 23): bf16 for models of 10M parameters or more on a CPU with bf16\n"
-        "instructions (a decode step reads every weight once: half the bytes, SmolLM2-135M 1.26-1.29x\n"
-        "faster than fp32), fp32 for smaller ones and elsewhere. fp16 on CPU is refused with a message:\n"
-        "most CPUs emulate fp16 arithmetic, slowly.\n\n"
+        "instructions (a decode step reads every weight once: half the bytes, SmolLM2-135M decodes\n"
+        "1.3-1.5x faster eager, 1.7x compiled), fp32 for smaller ones and elsewhere. fp16 on CPU is\n"
+        "refused with a message: most CPUs emulate fp16 arithmetic, slowly.\n\n"
         "text: --prompt, --prompts and chat lines must be UTF-8; text that is not is reported (where, and\n"
         "the byte offset), never guessed at. A typed line is asked for again; anything else exits 1."))
     g = p.add_argument_group("model")
@@ -123,8 +123,8 @@ def pick_device(name: str) -> torch.device:
 
 def pick_dtype(name: str, device: torch.device, n_params: int | None = None) -> torch.dtype:
     """--dtype as a torch dtype. auto on a CPU: bf16 for a model of TINY_MODEL_PARAMS or more, where
-    a decode step is the time to read the weights (half the bytes: SmolLM2-135M decodes 1.26-1.29x
-    faster than in fp32, docs/benchmarks.md, issue 23), on a CPU with bf16 instructions; fp32 for a
+    a decode step is the time to read the weights (half the bytes: SmolLM2-135M decodes 1.3-1.5x
+    faster than in fp32 eager, 1.7x compiled, docs/benchmarks.md, issue 23), on a CPU with bf16 instructions; fp32 for a
     tiny model (n_params unknown counts as tiny), where reading the weights is not what a step costs."""
     if name == "auto":
         if device.type == "cuda":
