@@ -14,9 +14,10 @@ ever traced under torch.compile; an eager step keeps F.linear.
 
 Applied from outside, like tensor parallelism (minisink/tools/tp.py): no model file changes. The
 rewrite is a TorchFunctionMode around the decode step, which sees every `F.linear` the step calls
-(nn.Linear's forward, a tied lm_head, a model's own F.linear), so all four architectures get it and
-a model whose Linear modules another module replaced (quantized weights with their own kernels)
-is left to those kernels: only a call that reaches `F.linear` with one row of input is rewritten.
+(nn.Linear's forward, a tied lm_head) and every `x @ w.T` (Falcon's FalconLinear), so all four
+architectures get it, and a model whose Linear modules another module replaced (quantized weights
+with their own kernels) is left to those kernels: only one row of input times a float weight
+matrix, through F.linear or `@` against a weight's transpose, is rewritten.
 
     step = torch.compile(matvec_as_reduction(decode_one_token), fullgraph=True)   # minisink/generate.py
 
@@ -37,17 +38,29 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y if bias is None else y + bias
 
 
+def is_weight(w) -> bool:
+    return isinstance(w, torch.Tensor) and w.dim() == 2 and w.layout == torch.strided and w.is_floating_point()
+
+
+def one_row(x) -> bool:
+    """A single row: a batch of rows is a matrix product, where gemm wins."""
+    return isinstance(x, torch.Tensor) and x.dim() >= 1 and x.numel() == x.shape[-1]
+
+
 class MatVecAsReduction(TorchFunctionMode):
-    """Inside it, `F.linear` of a single row becomes `matvec`; everything else runs as it is."""
+    """Inside it, a single row times a weight matrix becomes `matvec`: `F.linear(x, w, b)`, and
+    `x @ w.T` (Falcon's FalconLinear adds its bias after the product, as HF's does). Everything else
+    runs as it is."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear:
-            x, weight = args[0], args[1]
+        if func is F.linear and one_row(args[0]) and is_weight(args[1]):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            one_row = x.numel() == x.shape[-1]   # a batch of rows is a matrix product: gemm wins there
-            if one_row and weight.dim() == 2 and weight.layout == torch.strided and weight.is_floating_point():
-                return matvec(x, weight, bias)
+            return matvec(args[0], args[1], bias)
+        if func in (torch.Tensor.__matmul__, torch.matmul) and len(args) == 2 and one_row(args[0]) and is_weight(args[1]):
+            w = args[1].T                                  # (out, in)
+            if w.is_contiguous():                          # x @ w.T of a weight w, not any matrix
+                return matvec(args[0], w)
         return func(*args, **kwargs)
 
 
