@@ -207,6 +207,8 @@ def compiled_step(cache: SinkCache, device: torch.device, matvec: str = "reduce"
     mat-vecs are rewritten as reductions that inductor fuses (minisink/tools/fast.py), unless
     matvec="linear" (F.linear, MKL/oneDNN: the slower baseline, kept for the benchmarks).
     torch._dynamo is imported here, only when compiling: it takes seconds."""
+    if matvec not in ("reduce", "linear"):
+        raise ValueError(f"matvec={matvec!r}: one of 'reduce' (fused reductions on a CPU) or 'linear' (F.linear)")
     import torch._dynamo
     for buf in cache.tensors():  # they never move: a CUDA graph reads and writes them in place
         torch._dynamo.mark_static_address(buf)
