@@ -122,10 +122,10 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device, n_params: int | None = None) -> torch.dtype:
-    """--dtype as a torch dtype. auto on a CPU: bf16 for a model of TINY_MODEL_PARAMS or more, where
-    a decode step is the time to read the weights (half the bytes: SmolLM2-135M decodes 1.3-1.5x
-    faster than in fp32 eager, 1.7x compiled, docs/benchmarks.md, issue 23), on a CPU with bf16 instructions; fp32 for a
-    tiny model (n_params unknown counts as tiny), where reading the weights is not what a step costs."""
+    """--dtype as a torch dtype. auto on a CPU: bf16 for a model of TINY_MODEL_PARAMS or more, on a
+    CPU with bf16 instructions, where a decode step is the time to read the weights (half the bytes:
+    SmolLM2-135M decodes 1.3-1.5x faster than in fp32 eager, 1.7x compiled; docs/benchmarks.md,
+    issue 23); fp32 for a tiny model (n_params unknown counts as tiny), whose step is not its reads."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
