@@ -35,7 +35,7 @@ from minisink.text.chat import ChatTemplateError, TemplateTurns, encode_rendered
 from minisink.tools.cli import UserError
 from minisink.generate import POLICIES, Stream, end_ids, first_token
 from minisink.weights.hub import model_table, one_line, resolve
-from minisink.weights.load import DTYPES, build_config, load_model, read_config
+from minisink.weights.load import DTYPES, build_config, load_model, on_meta, read_config
 from minisink.tools.sizing import CacheSizeError, check_fits, choose_window, step_read_bytes
 from minisink.text.tokenizer import load_tokenizer
 
@@ -53,8 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "  --stream           one endless text from --prompt (or from BOS), until Ctrl-C or --max-new-tokens\n"
         "  (default) chat     turns from --prompts FILE, or from stdin: typed (a terminal) or piped, one per\n"
         "                     line. All turns go into one stream: the cache persists across turns.\n\n"
-        "dtype: auto is bf16 on CUDA (fp16 where bf16 is unsupported) and fp32 on CPU. fp16 on CPU is\n"
-        "refused with a message: most CPUs emulate fp16 arithmetic, slowly; use bf16 there to halve memory.\n"
+        "dtype: auto is bf16 on CUDA (fp16 where bf16 is unsupported). On CPU, chosen by measurement\n"
+        "(docs/benchmarks.md, issue 23): bf16 for models of 10M parameters or more on a CPU with bf16\n"
+        "instructions (a decode step reads every weight once: half the bytes, SmolLM2-135M decodes\n"
+        "1.3-1.5x faster eager, 1.7x compiled), fp32 for smaller ones and elsewhere. fp16 on CPU is\n"
+        "refused with a message: most CPUs emulate fp16 arithmetic, slowly.\n"
         "int8 / int4 (CPU): weight-only quantization (minisink/quantize.py, docs/quantize.md): int8 per output\n"
         "channel or int4 per group of 32, activations and cache in bf16 (torch's int8/int4 kernels are 8-30x\n"
         "slower with fp32 activations). With --model FILE.gguf, int4 runs the file's own Q4_0/Q4_1/Q4_K blocks\n"
@@ -72,8 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", *QUANTIZED],
                    help="weights and cache dtype (default: auto, see below); int8, int4: quantized weights, CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU; on CPU "
-                   "inductor, 15-110 s to compile, 1-17%% faster than eager at 1 thread, but up to 1.5x slower "
-                   "at 2 threads on a busy machine: docs/benchmarks.md)")
+                   "inductor, its mat-vecs as fused reductions that read the weights near the memory bandwidth, "
+                   "minisink/tools/fast.py; 15-300 s to compile: docs/benchmarks.md)")
     g.add_argument("--threads", type=cli.threads, default=None, metavar="N",
                    help=f"CPU threads for torch (default: 1 for models under {cli.TINY_MODEL_PARAMS / 1e6:.0f}M parameters, "
                         "where more threads only spin; torch's choice, one per core, for larger ones); "
@@ -151,8 +154,12 @@ def pick_device(name: str) -> torch.device:
 QUANTIZED = ("int8", "int4")   # weight-only (minisink/quantize.py); activations and cache in bf16
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype of activations and cache (of the weights too, unless --dtype int8/int4)."""
+def pick_dtype(name: str, device: torch.device, n_params: int | None = None) -> torch.dtype:
+    """--dtype as the torch dtype of activations and cache (of the weights too, unless int8/int4).
+    auto on a CPU: bf16 for a model of TINY_MODEL_PARAMS or more, on a CPU with bf16 instructions,
+    where a decode step is the time to read the weights (half the bytes: SmolLM2-135M decodes 1.3-1.5x
+    faster than in fp32 eager, 1.7x compiled; docs/benchmarks.md, issue 23); fp32 for a tiny model
+    (n_params unknown counts as tiny), whose step is not its reads."""
     if name in QUANTIZED:
         if device.type != "cpu":
             raise UserError(f"--dtype {name} runs on CPU only (torch's int8/int4 CPU kernels); on {device} use bf16")
@@ -160,7 +167,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        big = n_params is not None and n_params >= cli.TINY_MODEL_PARAMS
+        return torch.bfloat16 if big and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
     dtype = DTYPES[name]
     cli.refuse_fp16_on_cpu(dtype, device)
     return dtype
@@ -585,6 +593,8 @@ def load(args, download=None):
         folder = resolve(args.model, args.revision, download=download, check=lambda f: small.append(inspect(f)),
                          note=lambda text: print(f"run.py: {text}", file=sys.stderr, flush=True))
     config, cls, parsed, tokenizer, chat_template = small[0] if small else inspect(folder)  # [] for a local folder
+    if args.dtype == "auto" and device.type == "cpu":   # by the model's size, counted on the meta device
+        dtype = pick_dtype("auto", device, sum(p.numel() for p in on_meta(cls, parsed).parameters()))
     shard, device = tp.start(parsed, device, folder.name)  # (None, device) unless torchrun started us
     try:
         window, notes = choose_window(config, args.sink_size, args.window_size, getattr(parsed, "sliding_window", None))

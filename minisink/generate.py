@@ -107,11 +107,13 @@ class Stream:
     from its own K, so a sharded model gets its own shapes), then the cache is reset: every token
     of the stream, the first included, takes the same step. compile=True compiles that step once
     (fullgraph, no recompiles): CUDA graphs on a GPU, inductor's default mode on a CPU, where
-    docs/benchmarks.md compares it with eager.
+    docs/benchmarks.md compares it with eager. On a CPU, matvec="reduce" (the default) compiles the
+    mat-vecs as fused reductions (minisink/tools/fast.py); "linear" keeps F.linear.
     """
 
     def __init__(self, model, policy: str = "sink", sink_size: int = 4, window_size: int = 1020,
-                 batch_size: int = 1, prefill_chunk: int | None = None, compile: bool = False):
+                 batch_size: int = 1, prefill_chunk: int | None = None, compile: bool = False,
+                 matvec: str = "reduce"):
         weight = next(model.parameters())
         self.model, self.policy, self.batch_size = model, policy, batch_size
         self.device, self.dtype = weight.device, weight.dtype
@@ -125,7 +127,7 @@ class Stream:
             self.cache.reset()
         self.step = decode_one_token
         if compile:
-            self.step = compiled_step(self.cache, self.device)
+            self.step = compiled_step(self.cache, self.device, matvec)
         self.fed = 0         # tokens fed, counted on the host
         self.logits = None   # (B, vocab) prediction for the next token
         self.pending = None  # (B,) last generated token, not fed yet: it goes in with the next feed
@@ -199,15 +201,20 @@ class Stream:
                     return
 
 
-def compiled_step(cache: SinkCache, device: torch.device):
+def compiled_step(cache: SinkCache, device: torch.device, matvec: str = "reduce"):
     """`decode_one_token` compiled: CUDA graphs on a GPU (mode="reduce-overhead"), inductor's
-    default mode (fused C++ kernels) on a CPU, which has no graphs to replay. torch._dynamo is
-    imported here, only when compiling: it takes seconds."""
+    default mode (fused C++ kernels) on a CPU, which has no graphs to replay. On a CPU the step's
+    mat-vecs are rewritten as reductions that inductor fuses (minisink/tools/fast.py), unless
+    matvec="linear" (F.linear, MKL/oneDNN: the slower baseline, kept for the benchmarks).
+    torch._dynamo is imported here, only when compiling: it takes seconds."""
+    if matvec not in ("reduce", "linear"):
+        raise ValueError(f"matvec={matvec!r}: one of 'reduce' (fused reductions on a CPU) or 'linear' (F.linear)")
     import torch._dynamo
     for buf in cache.tensors():  # they never move: a CUDA graph reads and writes them in place
         torch._dynamo.mark_static_address(buf)
     if device.type != "cuda":
-        return torch.compile(decode_one_token, fullgraph=True)
+        from .tools.fast import cpu_step
+        return torch.compile(cpu_step(decode_one_token) if matvec == "reduce" else decode_one_token, fullgraph=True)
     graphed = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
     # a CUDA graph's output lives in the graph's own memory and its next replay overwrites it: hand
     # out a copy (one row of logits), so that logits kept by a caller stay valid

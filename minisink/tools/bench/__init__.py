@@ -1,4 +1,4 @@
-"""python -m minisink bench [decode|gpu|tokenizer|eval|startup|tp_memory|all] [options of that benchmark]
+"""python -m minisink bench [decode|cpu|gpu|tokenizer|eval|quantize|startup|tp_memory|all] [options of that benchmark]
 
 Each benchmark is a module of this package with a `main(argv)`; `python -m minisink bench NAME -h`
 lists its options. `all` runs every benchmark with its defaults, one after another. Modules are
@@ -10,6 +10,7 @@ import sys
 
 BENCHMARKS = {
     "decode": "sink vs recompute per token, and latency flat in the stream position (CPU, Pythia-160M shape)",
+    "cpu": "SmolLM2-135M decode per dtype next to llama.cpp on the same GGUF, 1 and 2 threads, ratios",
     "gpu": "real 7B shapes past a full cache: eager, compiled, recompute; tok/s and GB/s (scaled down on CPU)",
     "tokenizer": "minisink's BPE encoder next to HF tokenizers",
     "eval": "chunked streaming evaluation vs token by token",
