@@ -31,6 +31,7 @@ compared with the long stream's: stability.csv. No drift means the two agree.
 """
 import argparse
 import csv
+import ctypes
 import hashlib
 import json
 import math
@@ -46,7 +47,7 @@ sys.path.insert(0, str(REPO))
 from minisink.tools import cli  # noqa: E402  (no torch yet: a bad flag costs nothing)
 from minisink.tools.cli import UserError  # noqa: E402
 
-BOOKS = REPO.parent / "shared" / "assets" / "text" / "gutenberg"
+BOOKS = "../shared/assets/text/gutenberg"   # relative to the repository root, as config.json records it
 PPL_COLUMNS = ["block", "first_target", "last_target", "book", "nll_sum", "ppl"]
 PERF_COLUMNS = ["block", "seconds", "tokens_per_s", "rss_mib"]
 STABILITY_COLUMNS = ["block", "first_target", "book", "warmup", "dtype", "long_ppl", "fresh_ppl",
@@ -103,7 +104,7 @@ def load(args):
     torch.set_num_threads(args.threads)
     model_dir = Path(os.path.expanduser(args.model))
     tokenizer = load_tokenizer(model_dir)
-    ids, starts = book_stream(tokenizer, first_token(tokenizer, read_config(model_dir)), Path(args.books), args.tokens)
+    ids, starts = book_stream(tokenizer, first_token(tokenizer, read_config(model_dir)), REPO / args.books, args.tokens)
     model = load_model(model_dir, dtype=DTYPES[args.dtype])
     return model, ids, starts
 
@@ -143,6 +144,25 @@ def append_row(path: Path, columns: list[str], row: dict) -> None:
         os.fsync(f.fileno())
 
 
+# ------------------------------------------------------------------------------- resident memory
+
+def fixed_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
+    """Make glibc mmap every allocation above nbytes and unmap it when freed, for the whole run.
+
+    Why: each chunk's logits (256 x 49,152, bf16: 24 MiB, and twice that in fp32 to score them) are
+    allocated and freed again. glibc starts by mmapping such blocks, but on the first free it raises
+    its threshold to the freed size (up to 32 MiB), so later ones come from the heap, whose top it
+    returns to the system only now and then: the process's RSS swung between 572 and 648 MiB from
+    block to block over 20 blocks of SmolLM2 at 4+1020 (nothing kept; the cache is fixed), and
+    between 544.4 and 545.5 MiB with the threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_=131072:
+    docs/results/long_stream/README.md). Setting it, as the environment variable does, turns the
+    dynamic threshold off. False where there is no glibc (the run is the same, its RSS less steady)."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-3, nbytes) == 1   # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 # ------------------------------------------------------------------------------------ stream mode
 
 def run_config(args) -> dict:
@@ -153,6 +173,8 @@ def run_config(args) -> dict:
 
 
 def stream(args) -> int:
+    if not args.malloc_defaults:
+        fixed_mmap_threshold()
     import torch
     from minisink.generate import make_cache
     from minisink.tools.eval import streaming_nll
@@ -317,7 +339,7 @@ def parse_args(argv):
     sub = p.add_subparsers(dest="mode", required=True)
     s = sub.add_parser("stream", help="stream the books through one cache, a CSV row per block")
     s.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct, smollm2_folder())")
-    s.add_argument("--books", default=str(BOOKS), 
+    s.add_argument("--books", default=BOOKS,
                    help="folder with MANIFEST.csv and the books (default ../shared/assets/text/gutenberg)")
     s.add_argument("--policy", choices=["sink", "window", "dense"], default="sink")
     s.add_argument("--sink-size", type=cli.int_at_least(0), default=4)
@@ -331,6 +353,8 @@ def parse_args(argv):
     s.add_argument("--checkpoint-every", type=cli.int_at_least(1), default=4, help="blocks between checkpoints")
     s.add_argument("--log-every", type=cli.int_at_least(1), default=10, help="blocks between progress lines")
     s.add_argument("--out", required=True, type=cli.writable_folder)
+    s.add_argument("--malloc-defaults", action="store_true",
+                   help="leave glibc's dynamic mmap threshold on (RSS then swings from block to block; see fixed_mmap_threshold)")
     s.add_argument("--crash-after-rows", type=int, default=None, help=argparse.SUPPRESS)  # tests only
     t = sub.add_parser("stability", help="re-stream blocks of a finished run from a fresh cache")
     t.add_argument("--run", required=True, help="a finished stream folder")
