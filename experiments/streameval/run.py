@@ -252,12 +252,15 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     policies, distances, acc, _ = accuracy_table(rows)
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    markers = "osD^v<>"
     for i, p in enumerate(policies):
         xs = []
         for d in distances:
             cell = [int(r["distance_tokens"]) for r in rows if r["policy"] == p and int(r["distance_lines"]) == d]
             xs.append(sum(cell) / len(cell))
-        line, = ax.plot(xs, [100 * acc[p, d] for d in distances], marker="o", label=p)
+        # lines that coincide (several policies at 0%) stay visible: markers of shrinking size
+        line, = ax.plot(xs, [100 * acc[p, d] for d in distances], marker=markers[i % len(markers)],
+                        ms=9 - 1.2 * i, lw=2.4 - 0.3 * i, ls="--" if p.startswith("window") else "-", label=p)
         if cache_of(p) != "all":
             ax.axvline(int(cache_of(p)), color=line.get_color(), ls=":", lw=1)
     ax.set_xscale("log")
@@ -286,6 +289,7 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--threads", type=cli.int_at_least(1), default=1)
     p.add_argument("--out", required=True, type=cli.writable_folder)
+    p.add_argument("--replot", action="store_true", help="only redraw figure.png from --out's results.csv")
     args = p.parse_args(argv)
     try:
         args.policies = [parse_policy(x) for x in args.policies.split(",") if x.strip()]
@@ -297,7 +301,22 @@ def parse_args(argv):
     return args
 
 
+def read_results(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def model_name(folder: Path) -> str:
+    return folder.name.split(".")[0]   # SmolLM2-135M-Instruct.Q4_1-b179c9523d0e: the converted GGUF's folder
+
+
 def run(args, command: str) -> int:
+    if args.replot:
+        rows = read_results(Path(args.out) / "results.csv")
+        questions = len(rows) // max(1, len({(r["policy"], r["distance_lines"]) for r in rows}))
+        plot(rows, Path(args.out) / "figure.png", f"StreamEval, {model_name(Path(args.model or 'SmolLM2-135M-Instruct'))}: "
+             f"{questions} questions per point")
+        return 0
     import torch
     from minisink.generate import end_ids
     from minisink.text.chat import read_chat_template
@@ -330,7 +349,7 @@ def run(args, command: str) -> int:
     note = (f"seed {args.seed}, {args.questions} questions per distance and policy, greedy replies of at most "
             f"{args.max_new_tokens} tokens, {args.dtype}")
     write_results(out, rows, command, note)
-    plot(rows, out / "figure.png", f"StreamEval, {folder.name}: {args.questions} questions per point")
+    plot(rows, out / "figure.png", f"StreamEval, {model_name(folder)}: {args.questions} questions per point")
     print(f"wrote results.csv, results.md, figure.png in {out}", file=sys.stderr)
     return 0
 
