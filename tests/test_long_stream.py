@@ -38,7 +38,7 @@ def books(tmp_path_factory):
 def argv(books, out, policy="sink", *extra):
     return ["stream", "--model", str(MODEL), "--books", str(books), "--policy", policy, "--sink-size", "2",
             "--window-size", "30", "--tokens", "320", "--block", "32", "--chunk", "12", "--dtype", "fp32",
-            "--checkpoint-every", "3", "--malloc-defaults", "--out", str(out), *extra]
+            "--checkpoint-every", "3", "--malloc", "default", "--out", str(out), *extra]
 
 
 def main(args):

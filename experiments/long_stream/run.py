@@ -14,7 +14,8 @@ records the books used and the sha256 of the ids, so two runs can be checked to 
 dense) block by block, --block targets at a time, with the library's chunked feeding and NLL
 (minisink.tools.eval.streaming_nll, which is minisink.generate.prefill in chunks of --chunk), and
 appends one row per block to ppl.csv (block, first_target, last_target, book, nll_sum, ppl) and
-perf.csv (block, seconds, tokens_per_s, rss_mib) as it goes; progress and an ETA go to stderr.
+perf.csv (block, seconds, tokens_per_s, rss_mib: the resident memory after the block, the heap trimmed
+first: see trim_heap) as it goes; progress and an ETA go to stderr.
 
 Resumable: every --checkpoint-every blocks (at a block boundary) the cache (every layer's K, V and
 sink copies, the slot table, the stream position) and the byte lengths of both CSVs are saved to
@@ -146,34 +147,37 @@ def append_row(path: Path, columns: list[str], row: dict) -> None:
 
 # ------------------------------------------------------------------------------- resident memory
 
-def fixed_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
-    """Make glibc mmap every allocation above nbytes and unmap it when freed, for the whole run.
+def fixed_mmap_threshold(nbytes: int = 4 << 20) -> bool:
+    """--malloc mmap: glibc mmaps every allocation above nbytes and unmaps it when freed.
 
-    Why: each chunk's logits (256 x 49,152, bf16: 24 MiB, and twice that in fp32 to score them) are
-    allocated and freed again. glibc starts by mmapping such blocks, but on the first free it raises
-    its threshold to the freed size (up to 32 MiB), so later ones come from the heap, whose top it
-    returns to the system only now and then: the process's RSS swung between 572 and 648 MiB from
-    block to block over 20 blocks of SmolLM2 at 4+1020 (nothing kept; the cache is fixed), and
-    between 544.4 and 545.5 MiB with the threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_=131072:
-    docs/results/long_stream/README.md). Setting it, as the environment variable does, turns the
-    dynamic threshold off. False where there is no glibc (the run is the same, its RSS less steady)."""
+    Why RSS moves at all: each chunk's logits (256 x 49,152, bf16: 24 MiB, and twice that in fp32 to
+    score them) are allocated and freed again. glibc starts by mmapping such blocks, but on the first
+    free it raises its threshold to the freed size (up to 32 MiB), so later ones come from the heap,
+    whose top it returns to the system only now and then: with --malloc default the process's RSS
+    swung between 572.0 and 658.5 MiB from block to block over 100 blocks of SmolLM2 at 4+1020 (+15%;
+    nothing is kept, the cache is fixed). A fixed threshold (as MALLOC_MMAP_THRESHOLD_ sets it) stops
+    that (565.5 - 565.7 MiB over 15 blocks at 4 MiB) but faults every big tensor in afresh: about 1.4x
+    slower per block at 4 MiB, 2x at 128 KiB (concurrent runs, a loaded machine: provisional). Hence
+    the default, `trim_heap` after each block. False where there is no glibc."""
     try:
         return ctypes.CDLL("libc.so.6").mallopt(-3, nbytes) == 1   # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
 
 
-# ------------------------------------------------------------------------------------ stream mode
-
-def run_config(args) -> dict:
-    sink = args.sink_size if args.policy == "sink" else 0
-    return {"model": str(args.model), "books": str(args.books), "policy": args.policy, "sink_size": sink,
-            "window_size": args.window_size, "tokens": args.tokens, "block": args.block, "chunk": args.chunk,
-            "dtype": args.dtype, "threads": args.threads}
+def trim_heap() -> None:
+    """--malloc trim (the default): after each block, hand the heap's free memory back to the system
+    (glibc's malloc_trim), so the RSS recorded between blocks is what the run holds, not what the
+    allocator happened to keep from the last chunk's logits; costs nothing measurable per block
+    (docs/results/long_stream/README.md). A no-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def stream(args) -> int:
-    if not args.malloc_defaults:
+    if args.malloc == "mmap":
         fixed_mmap_threshold()
     import torch
     from minisink.generate import make_cache
@@ -220,8 +224,10 @@ def stream(args) -> int:
         t0 = time.perf_counter()
         # inputs ids[b*B .. (b+1)*B - 1] go into the cache; targets ids[b*B + 1 .. (b+1)*B] are scored
         nll = streaming_nll(model, ids[b * B:(b + 1) * B + 1], cache, args.chunk)[1:]
-        seconds = time.perf_counter() - t0
         nll_sum = nll.double().sum().item()
+        if args.malloc == "trim":
+            trim_heap()
+        seconds = time.perf_counter() - t0
         rss = cli.resident_bytes()[0] / 2 ** 20
         append_row(ppl_csv, PPL_COLUMNS, {"block": b, "first_target": b * B + 1, "last_target": (b + 1) * B,
                                           "book": book_at(starts, b * B + 1), "nll_sum": repr(nll_sum),
@@ -353,8 +359,9 @@ def parse_args(argv):
     s.add_argument("--checkpoint-every", type=cli.int_at_least(1), default=4, help="blocks between checkpoints")
     s.add_argument("--log-every", type=cli.int_at_least(1), default=10, help="blocks between progress lines")
     s.add_argument("--out", required=True, type=cli.writable_folder)
-    s.add_argument("--malloc-defaults", action="store_true",
-                   help="leave glibc's dynamic mmap threshold on (RSS then swings from block to block; see fixed_mmap_threshold)")
+    s.add_argument("--malloc", choices=["trim", "mmap", "default"], default="trim",
+                   help="steady RSS: trim the heap after each block (default), or fix glibc's mmap threshold "
+                        "(fixed_mmap_threshold), or neither (RSS then swings from block to block)")
     s.add_argument("--crash-after-rows", type=int, default=None, help=argparse.SUPPRESS)  # tests only
     t = sub.add_parser("stability", help="re-stream blocks of a finished run from a fresh cache")
     t.add_argument("--run", required=True, help="a finished stream folder")
