@@ -183,14 +183,14 @@ def stream(args) -> int:
     from minisink.generate import make_cache
     from minisink.tools.eval import streaming_nll
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     config = run_config(args)
     if (out / "config.json").exists():
         old = json.loads((out / "config.json").read_text())
         if old != config:
             diff = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in config.items() if old.get(k) != v)
             raise UserError(f"{out} holds a run with another config ({diff}); use another --out")
-    model, ids_list, starts = load(args)
+    model, ids_list, starts = load(args)   # a missing book or model fails here, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     ids = torch.tensor(ids_list, dtype=torch.long)
     stream_info = {"tokens": len(ids_list), "sha256_ids": sha256_ids(ids_list),
                    "books": [{"first_token": s, "title": t} for s, t in starts]}
