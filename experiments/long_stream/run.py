@@ -176,6 +176,15 @@ def trim_heap() -> None:
         pass
 
 
+# ------------------------------------------------------------------------------------ stream mode
+
+def run_config(args) -> dict:
+    sink = args.sink_size if args.policy == "sink" else 0
+    return {"model": str(args.model), "books": str(args.books), "policy": args.policy, "sink_size": sink,
+            "window_size": args.window_size, "tokens": args.tokens, "block": args.block, "chunk": args.chunk,
+            "dtype": args.dtype, "threads": args.threads}
+
+
 def stream(args) -> int:
     if args.malloc == "mmap":
         fixed_mmap_threshold()
