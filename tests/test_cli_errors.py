@@ -30,9 +30,9 @@ from conftest import REPO
 DEFAULT_MODEL = REPO / "minisink" / "checkpoints" / "tinystories-1m"
 TINY_CASE = REPO / "tests" / "golden" / "llama-gqa-s4-w12"
 PROGRAMS = {"run": [str(REPO / "run.py")], "eval": ["-m", "minisink", "eval"], "golden": ["-m", "minisink", "golden"],
-            "train": ["-m", "minisink", "train"], "bench": ["-m", "minisink", "bench"]}
+            "train": ["-m", "minisink", "train"], "bench": ["-m", "minisink", "bench"], "size": ["-m", "minisink", "size"]}
 PROG = {"run": "run.py", "eval": "python -m minisink eval", "golden": "python -m minisink golden",
-        "train": "python -m minisink train", "bench": "python -m minisink bench"}
+        "train": "python -m minisink train", "bench": "python -m minisink bench", "size": "python -m minisink size"}
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +246,25 @@ IN_PROCESS = {
     "bench startup runs 0": ("bench", ["startup", "--runs", "0"], 2, "--runs: must be >= 1"),
     "bench startup tokens huge": ("bench", ["startup", "--tokens", "1000000000000000000000000000000"], 2, "--tokens: must be >= 1"),
     "bench tokenizer repeat 0": ("bench", ["tokenizer", "--repeat", "0"], 2, "--repeat: must be >= 1"),
+    # the benchmarks and the sizing note of issues 23 and 24
+    **{f"bench {name} {flag} {value}": ("bench", [name, f"--{flag}", value], 2, phrase) for name, flag, value, phrase in [
+        ("cpu", "threads", "0", "the CPUs this process may use), got 0"),
+        ("cpu", "threads", "1,99999", "the CPUs this process may use), got 99999"),
+        ("cpu", "rounds", "0", "--rounds: must be >= 1"),
+        ("cpu", "tokens", "100000000000", "(timed steps)"),
+        ("quantize", "threads", "99999", "the CPUs this process may use), got 99999"),
+        ("quantize", "rounds", "0", "--rounds: must be >= 1"),
+        ("quantize", "steps", "-1", "--steps: must be >= 1"),
+        ("tp_memory", "random", "-1", "--random: must be > 0"),
+        ("tp_memory", "random", "1e9", "(GB of fp32 weights written to a temporary folder)"),
+        ("tp_memory", "random", "nan", "must be a finite number"),
+        ("tp_memory", "ranks", "0", "--ranks: must be >= 1"),
+        ("tp_memory", "ranks", "1,100", "(processes on this machine)")]},
+    "size gpu-gb 0": ("size", [DEFAULT_MODEL, "--gpu-gb", "0"], 2, "--gpu-gb: must be > 0"),
+    "size gpu-gb inf": ("size", [DEFAULT_MODEL, "--gpu-gb", "inf"], 2, "--gpu-gb: must be a finite number"),
+    "size gpu-gb huge": ("size", [DEFAULT_MODEL, "--gpu-gb", "1e30"], 2, "(GB of one GPU)"),
+    "size slots 0": ("size", [DEFAULT_MODEL, "--slots", "0"], 2, "--slots: must be >= 1"),
+    "size slots huge": ("size", [DEFAULT_MODEL, "--slots", "1000000000000000000000"], 2, "(cache slots)"),
     "run compare one policy": ("run", ["--compare", "sink"], 2, "--compare: expected two different policies"),
     "run compare the same twice": ("run", ["--compare", "sink,sink"], 2, "got 'sink,sink'"),
     "run compare recompute": ("run", ["--compare", "window,recompute"], 2, "e.g. window,sink"),
@@ -263,8 +282,9 @@ def in_process(program: str, args: list[str]) -> tuple[int, str]:
     import io
     sys.path.insert(0, str(REPO))
     import run as run_py
-    from minisink.tools import bench, eval as ev, golden, train
-    main = {"run": run_py.main, "eval": ev.main, "golden": golden.main, "train": train.main, "bench": bench.main}[program]
+    from minisink.tools import bench, eval as ev, golden, sizing, train
+    main = {"run": run_py.main, "eval": ev.main, "golden": golden.main, "train": train.main, "bench": bench.main,
+            "size": sizing.main}[program]
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:

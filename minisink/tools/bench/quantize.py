@@ -7,7 +7,6 @@ gate, up (1536 x 576), down (576 x 1536), and the 49152 x 576 output head. Rando
 shapes (the values do not change the time). Formats run interleaved A B C ... A B C ..., and each
 reports its median ms per step, and the GB/s of weight bytes that implies.
 """
-import argparse
 import statistics
 import time
 
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ...quantize import Int4Linear, Int8Linear
+from .. import cli
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30 + [(49152, 576)]
 
@@ -48,10 +48,10 @@ def formats(weights):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minisink bench quantize", description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
-    p.add_argument("--steps", type=int, default=3, help="steps per format per round (default 3)")
+    p = cli.Parser(prog="python -m minisink bench quantize", description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=cli.threads, nargs="+", default=[1, 2], help=f"torch CPU thread counts; {cli.THREADS_HELP}")
+    p.add_argument("--rounds", type=cli.bench_steps(1), default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--steps", type=cli.bench_steps(1), default=3, help="steps per format per round (default 3)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     weights = [torch.randn(o, i) * 0.02 for o, i in SHAPES]

@@ -14,13 +14,14 @@ collective, so no process group is started. Three numbers per rank, from /proc/s
                 whole is used in place, from the page cache, which the ranks of a machine share)
     peak        the high-water mark of resident memory, minus the same baseline
 """
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from .. import cli
 
 
 def status_kb(field: str) -> int:
@@ -96,10 +97,10 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minisink bench tp_memory", description=__doc__.split("\n")[0])
+    p = cli.Parser(prog="python -m minisink bench tp_memory", description=__doc__.split("\n")[0])
     p.add_argument("--model", help="model folder (default: SmolLM2-135M-Instruct, minisink/weights/smollm2.py)")
-    p.add_argument("--random", type=float, metavar="GB", help="measure a random Llama of about GB gigabytes instead")
-    p.add_argument("--ranks", default=None, help="numbers of ranks N, e.g. 1,2,3 (default: the N <= 4 that split the model)")
+    p.add_argument("--random", type=cli.float_between(0, 64, " (GB of fp32 weights written to a temporary folder)"), metavar="GB", help="measure a random Llama of about GB gigabytes instead")
+    p.add_argument("--ranks", type=cli.int_list(cli.int_between(1, 64, " (processes on this machine)")), default=None, help="numbers of ranks N, e.g. 1,2,3 (default: the N <= 4 that split the model)")
     p.add_argument("--every-rank", action="store_true", help="measure every rank of each N, not rank 0 alone")
     args = p.parse_args(argv)
     ranks_of = (lambda world: range(world)) if args.every_rank else (lambda world: [0])
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
         from minisink.tools import tp
         from minisink.weights.load import build_config, read_config
         split = tp.sizes(build_config(read_config(folder))[1])
-        worlds = [int(x) for x in args.ranks.split(",")] if args.ranks else [n for n in range(1, 5) if tp.divides(split, n)]
+        worlds = args.ranks if args.ranks else [n for n in range(1, 5) if tp.divides(split, n)]
         print(f"{folder.name}: one fresh process per rank, fp32, N = {', '.join(map(str, worlds))}", file=sys.stderr)
         print(table(measure(folder, worlds, ranks_of)))
     return 0
