@@ -97,3 +97,39 @@ def test_a_rank_that_never_joins_is_one_line_not_a_hang():
         assert lines[0].startswith(f"run.py: error: rank {rank} of 2: the other ranks did not all join within "
                                    f"{timeout_s} s (MINISINK_TP_TIMEOUT)"), lines
     assert time.monotonic() - t0 < 60
+
+
+def test_eval_over_2_ranks_writes_what_one_process_writes(tmp_path):
+    """`torchrun -m minisink eval`: the same streaming perplexities as one process (fp32, a stream 3x
+    the 4+60 cache, so it evicts; 4 heads, 2 per rank), within 1e-5."""
+    book = tmp_path / "book.txt"
+    book.write_text(" ".join(f"Once upon a time there was a cat called {name}, and it was happy." for name in
+                             ("Tom", "Lily", "Ben", "Sue", "Max", "Mia") * 20))
+    args = ["--model", TINY, "--text", book, "--tokens", 200, "--policy", "window,sink", "--sink-size", 4,
+            "--window-size", 60, "--chunk-size", 16, "--dtype", "fp32"]
+    single = subprocess.run([sys.executable, "-m", "minisink", "eval", *map(str, args), "--out", str(tmp_path / "one")],
+                            cwd=REPO, env=env(), capture_output=True, encoding="utf-8", timeout=120)
+    assert single.returncode == 0, single.stderr
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "minisink", "eval", *map(str, args), "--out", str(tmp_path / "two")]
+    sharded = subprocess.run(command, cwd=REPO, env=env(), capture_output=True, encoding="utf-8", timeout=120)
+    assert sharded.returncode == 0, sharded.stderr
+    one = sorted(p.name for p in (tmp_path / "one").iterdir() if p.suffix == ".csv")
+    two = sorted(p.name for p in (tmp_path / "two").iterdir() if p.suffix == ".csv")
+    assert one and one == two
+    import csv
+    for name in one:
+        rows1 = list(csv.DictReader(open(tmp_path / "one" / name)))
+        rows2 = list(csv.DictReader(open(tmp_path / "two" / name)))
+        assert len(rows1) == len(rows2) > 0
+        for a, b in zip(rows1, rows2):
+            assert a.keys() == b.keys()
+            for key in a:
+                try:
+                    x, y = float(a[key]), float(b[key])
+                except ValueError:
+                    assert a[key] == b[key], (name, key)
+                    continue
+                if "time" in key or "tok_s" in key or key.endswith("_s"):
+                    continue   # timings differ, the numbers do not
+                assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (name, key, x, y)
