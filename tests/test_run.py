@@ -106,11 +106,7 @@ def test_fresh_clone_streams_english_offline_with_the_default_model(tmp_path):
         stdout, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    err = b""
-    while chunk := read_or_eof(master):
-        err += chunk
-    os.close(master)
-    err, stdout = err.decode(), stdout.decode()
+    err, stdout = drain(master).decode(), stdout.decode()
     assert proc.returncode == 0 and "Traceback" not in err, err
     summary = err.rsplit("\x1b[2K", 1)[-1].strip()
     evicted = re.search(r"cache 256/256 slots, ([\d,]+) evicted \(sink, S=4 W=252\)", summary)
@@ -318,11 +314,7 @@ def test_ctrl_c_ends_an_endless_stream_with_a_summary_and_status_line():
         proc.communicate(timeout=60)
     finally:
         proc.kill()
-    err = b""
-    while chunk := read_or_eof(master):
-        err += chunk
-    os.close(master)
-    err = err.decode()
+    err = drain(master).decode()
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert re.search(r"\[[\d,]+ tokens \| cache \d+/12 slots, [\d,]+ evicted \| [\d.,]+ tok/s \| RSS [\d,]+ MB\]", err), err
     summary = err.rsplit("\x1b[2K", 1)[-1].strip()  # after the status line is cleared
@@ -334,6 +326,15 @@ def read_or_eof(fd) -> bytes:
         return os.read(fd, 1 << 16)
     except OSError:  # Linux: EIO once the other end is closed
         return b""
+
+
+def drain(master: int) -> bytes:
+    """Everything left on a pty's master side, which is then closed."""
+    out = b""
+    while chunk := read_or_eof(master):
+        out += chunk
+    os.close(master)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ memory

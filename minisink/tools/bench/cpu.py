@@ -38,6 +38,7 @@ import torch
 
 from ...generate import Stream
 from .. import cli
+from .decode import timer
 from .models import bandwidth, machine
 
 SINKS, WINDOW = 4, 252
@@ -95,19 +96,6 @@ def requantized_gguf(source: Path, kind: str, out_dir: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------ the two sides
-
-def timer(step) -> callable:
-    """timed(n): n calls of step(), after one warm-up call; their seconds."""
-    def timed(n: int) -> list[float]:
-        step()
-        out = []
-        for _ in range(n):
-            start = time.perf_counter()
-            step()
-            out.append(time.perf_counter() - start)
-        return out
-    return timed
-
 
 def tokens(vocab: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -220,7 +208,7 @@ def measure(threads: int, args, rows: dict, folder: Path, files: dict, llama: st
     bench_tok_s = {dtype: [] for dtype in files} if llama not in (None, "bindings") else {}
     for _ in range(args.rounds):
         for key, timed in variants.items():
-            times[key] += timed(args.tokens)
+            times[key] += timed(args.tokens, warmup=1)
         for dtype, path in files.items() if bench_tok_s else ():
             bench_tok_s[dtype].append(llama_bench_tok_s(llama, path, threads, args.tokens, SINKS + WINDOW))
     ms = {k: median(v) * 1e3 for k, v in times.items()}
